@@ -1,0 +1,3 @@
+from nanoctl.cli.main import run
+
+run()

@@ -1,0 +1,71 @@
+"""Root of the `nanoctl` CLI. Command groups live in sibling modules and register here.
+
+Keep this import-light: `nanoctl --help` must be instant, so torch, textual etc. are imported inside
+the commands that need them (tests/test_cli.py checks torch stays out).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nanoctl import __version__
+from nanoctl.cli.common import App, out
+
+app = App(
+    name="nanoctl",
+    help=(
+        "From raw text to a ChatGPT-like model you can talk to.\n\n"
+        "Pipeline: [bold]data[/] → [bold]tok train[/] → [bold]pretrain[/] → mid → sft → rl → eval → chat.\n\n"
+        "Every artifact lives under one home (--home, $NANOCTL_HOME, or the user cache dir)."
+    ),
+    epilog="Example: [cyan]nanoctl tok train && nanoctl pretrain && nanoctl chat[/]",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"nanoctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    home: Annotated[
+        Path | None,
+        typer.Option(
+            "--home",
+            envvar="NANOCTL_HOME",
+            help="Artifact home (default: the user cache dir, e.g. ~/.cache/nanoctl).",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    # Exported so library calls and spawned workers (torchrun) resolve the same home.
+    if home is not None:
+        os.environ["NANOCTL_HOME"] = str(home.expanduser().resolve())
+
+
+def _register() -> None:
+    """Attach each command group. Each module defines `register(app)` and imports nothing heavy."""
+    from importlib import import_module
+
+    for name in COMMAND_MODULES:
+        import_module(f"nanoctl.cli.{name}").register(app)
+
+
+# One entry per command module, in the order they appear in --help.
+COMMAND_MODULES: list[str] = ["cache"]
+
+_register()
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,41 @@
+"""Shared fixtures: an isolated artifact home per test, paths to ../shared/data, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NANOCTL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda = False
+    if any("gpu" in item.keywords for item in items):
+        try:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        except Exception:
+            cuda = False
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh artifact home, exported as NANOCTL_HOME for code under test."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("NANOCTL_HOME", str(h))
+    return h
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
