@@ -54,6 +54,19 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(steps)
 
 
+def _shard_detail(name: str, directory: Path, count: int) -> str:
+    """`N shards (last = val), D docs, C chars` from parquet footers only (cheap even for big shards)."""
+    from nanoctl.data.shards import summarize_shard_dir
+
+    s = summarize_shard_dir(name, directory)
+    detail = f"{count} shards (last = val), {s.documents:,} docs"
+    chars = s.characters
+    detail += f", {chars / 1e6:.1f}M chars" if chars is not None else f", ~{s.text_bytes / 1e6:.0f} MB text"
+    if s.problems:
+        detail += f", {len(s.problems)} unreadable (see `nanoctl data ls`)"
+    return detail
+
+
 def list_artifacts(home: str | Path | None = None) -> list[Artifact]:
     h = Home.resolve(home)
     found: list[Artifact] = []
@@ -61,7 +74,7 @@ def list_artifacts(home: str | Path | None = None) -> list[Artifact]:
         shards = sorted(d.glob("shard_*.parquet")) if d.is_dir() else []
         if shards:
             size, mtime = _tree_size(d)
-            found.append(Artifact("shards", name, str(d), size, mtime, f"{len(shards)} shards (last = val)"))
+            found.append(Artifact("shards", name, str(d), size, mtime, _shard_detail(name, d, len(shards))))
     if h.tasks_dir.is_dir() and any(h.tasks_dir.iterdir()):
         size, mtime = _tree_size(h.tasks_dir)
         found.append(Artifact("tasks", "tasks", str(h.tasks_dir), size, mtime))
@@ -116,7 +129,11 @@ def render_table(entries: list[Artifact], console: Any, home: str | Path | None 
         table.add_column(col, justify="right" if col == "size" else "left")
     for e in entries:
         table.add_row(
-            e.kind, e.name, _human(e.size_bytes), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified)), e.detail
+            e.kind,
+            e.name,
+            _human(e.size_bytes),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified)),
+            e.detail,
         )
     console.print(table)
     console.print(f"total {_human(sum(e.size_bytes for e in entries))}")
