@@ -11,7 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NANOCTL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (or NANOCTL_RUN_SLOW=1)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--run-slow") or os.environ.get("NANOCTL_RUN_SLOW") == "1"
+    # `-m slow` selects them explicitly: then they run too.
+    if not run_slow and "slow" not in (config.getoption("-m") or ""):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow or NANOCTL_RUN_SLOW=1"))
     cuda = False
     if any("gpu" in item.keywords for item in items):
         try:
