@@ -28,7 +28,7 @@ def test_help_is_fast_and_lists_groups() -> None:
     assert res.returncode == 0, res.stderr
     assert "cache" in res.stdout
     # generous bound for a noisy 2-core machine; the real point is "no torch import"
-    assert elapsed < 5.0
+    assert elapsed < 10.0
 
 
 def test_version() -> None:

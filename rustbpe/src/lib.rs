@@ -1,8 +1,345 @@
-//! Byte-level BPE trainer and encoder for nanoctl (placeholder; filled in by the tokenizer work).
+//! Byte-level BPE trainer and encoder for nanoctl, exposed to Python as `nanoctl._rustbpe`.
+//!
+//! Training pulls strings from a Python iterator in batches while a worker thread (GIL released)
+//! splits and counts the previous batch with rayon, then runs the merge loop without the GIL.
+//! The result exports as tiktoken mergeable ranks + pattern; `encode`/`batch_encode` are
+//! token-identical to tiktoken on the same ranks.
+pub mod encode;
+pub mod keys;
+pub mod split;
+pub mod train;
+mod unicode_tables;
+
+use std::time::Instant;
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+
+use encode::Encoder;
+use split::{Splitter, GPT4_PATTERN_N2};
+use train::{token_bytes, train_merges, Pair, PieceCounts};
+
+/// Flush a batch to the counting worker at this many bytes even if `buffer_size` docs aren't reached.
+const BATCH_BYTES: usize = 16 << 20;
+
+#[derive(Clone, Default)]
+struct TrainStats {
+    docs: u64,
+    chars: u64,
+    bytes: u64,
+    pieces: u64,
+    unique_pieces: usize,
+    unique_words: usize,
+    initial_pairs: usize,
+    count_seconds: f64,
+    merge_seconds: f64,
+}
+
+/// A byte-level BPE tokenizer: train from text, export tiktoken ranks, encode and decode.
+#[pyclass(module = "nanoctl._rustbpe")]
+struct Tokenizer {
+    pattern: String,
+    merges: Vec<Pair>,
+    encoder: Option<Encoder>,
+    stats: TrainStats,
+}
+
+fn value_err(e: String) -> PyErr {
+    PyValueError::new_err(e)
+}
+
+impl Tokenizer {
+    fn enc(&self) -> PyResult<&Encoder> {
+        self.encoder.as_ref().ok_or_else(|| {
+            PyValueError::new_err("tokenizer is empty: train it or build it with from_ranks()")
+        })
+    }
+}
+
+/// Borrow the UTF-8 text of a Python str, or say which item was not a valid one.
+fn text_of<'a>(item: &'a Bound<'_, PyAny>, what: &str, idx: u64) -> PyResult<&'a str> {
+    let s = item.downcast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what} {idx} is a {}, expected str",
+            item.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+        ))
+    })?;
+    s.to_str().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} {idx} is not valid Unicode (it holds a lone surrogate, e.g. from undecodable bytes)"
+        ))
+    })
+}
+
+#[pymethods]
+impl Tokenizer {
+    #[new]
+    fn new() -> Self {
+        Tokenizer {
+            pattern: GPT4_PATTERN_N2.to_string(),
+            merges: Vec::new(),
+            encoder: None,
+            stats: TrainStats::default(),
+        }
+    }
+
+    /// Train on the strings of `iterator` until `vocab_size` tokens (256 bytes + merges) exist or no
+    /// pair is left. `progress(stage, done, total)` is called with ("read", docs, chars) per batch and
+    /// ("merge", merges_done, merges_total) about every 1%; an exception it raises aborts training.
+    #[pyo3(signature = (iterator, vocab_size, buffer_size=8192, pattern=None, progress=None))]
+    fn train_from_iterator(
+        &mut self,
+        py: Python<'_>,
+        iterator: &Bound<'_, PyAny>,
+        vocab_size: u32,
+        buffer_size: usize,
+        pattern: Option<String>,
+        progress: Option<PyObject>,
+    ) -> PyResult<()> {
+        if vocab_size < 256 {
+            return Err(PyValueError::new_err(format!("vocab_size must be at least 256, got {vocab_size}")));
+        }
+        let pattern = pattern.unwrap_or_else(|| GPT4_PATTERN_N2.to_string());
+        let splitter = Splitter::new(&pattern).map_err(value_err)?;
+        let buffer_size = buffer_size.max(1);
+        let mut stats = TrainStats::default();
+        let t0 = Instant::now();
+
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<String>>(2);
+        let counted: PyResult<PieceCounts> = std::thread::scope(|scope| {
+            let splitter_ref = &splitter;
+            let worker = scope.spawn(move || -> Result<PieceCounts, String> {
+                let mut pc = PieceCounts::new();
+                for batch in rx {
+                    pc.add_batch(splitter_ref, &batch)?;
+                }
+                Ok(pc)
+            });
+            let pulled = (|| -> PyResult<()> {
+                let mut buf: Vec<String> = Vec::with_capacity(buffer_size);
+                let mut buf_bytes = 0usize;
+                let send = |py: Python<'_>, buf: Vec<String>, stats: &TrainStats| -> PyResult<bool> {
+                    // A closed channel means the worker failed; its error is reported after join.
+                    let ok = py.allow_threads(|| tx.send(buf).is_ok());
+                    py.check_signals()?;
+                    if let Some(cb) = &progress {
+                        cb.call1(py, ("read", stats.docs, stats.chars))?;
+                    }
+                    Ok(ok)
+                };
+                for item in iterator.try_iter()? {
+                    let item = item?;
+                    let text = text_of(&item, "document", stats.docs)?;
+                    stats.docs += 1;
+                    stats.chars += item.len()? as u64;
+                    stats.bytes += text.len() as u64;
+                    buf_bytes += text.len();
+                    buf.push(text.to_owned());
+                    if buf.len() >= buffer_size || buf_bytes >= BATCH_BYTES {
+                        let full = std::mem::replace(&mut buf, Vec::with_capacity(buffer_size));
+                        buf_bytes = 0;
+                        if !send(py, full, &stats)? {
+                            return Ok(());
+                        }
+                    }
+                }
+                if !buf.is_empty() {
+                    send(py, buf, &stats)?;
+                }
+                Ok(())
+            })();
+            drop(tx);
+            let joined = py.allow_threads(|| worker.join());
+            let pc = match joined {
+                Ok(r) => r.map_err(value_err),
+                Err(_) => Err(PyValueError::new_err("BPE counting worker panicked")),
+            };
+            pulled?;
+            pc
+        });
+        let counts = counted?;
+        stats.pieces = counts.pieces;
+        stats.unique_pieces = counts.unique();
+        stats.count_seconds = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let num_merges = (vocab_size - 256) as usize;
+        let progress_ref = &progress;
+        let (merges, mstats) = py.allow_threads(|| {
+            train_merges(counts, num_merges, |done, total| {
+                Python::with_gil(|py| -> PyResult<()> {
+                    py.check_signals()?;
+                    if let Some(cb) = progress_ref {
+                        cb.call1(py, ("merge", done, total))?;
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        stats.merge_seconds = t1.elapsed().as_secs_f64();
+        stats.unique_words = mstats.unique_words;
+        stats.initial_pairs = mstats.initial_pairs;
+
+        self.encoder = Some(Encoder::new(token_bytes(&merges), Splitter::new(&pattern).map_err(value_err)?));
+        self.merges = merges;
+        self.pattern = pattern;
+        self.stats = stats;
+        Ok(())
+    }
+
+    /// Build an encoder from tiktoken-style ranks ({bytes: rank} or [(bytes, rank)], ranks 0..n-1).
+    #[staticmethod]
+    #[pyo3(signature = (mergeable_ranks, pattern=None))]
+    fn from_ranks(mergeable_ranks: &Bound<'_, PyAny>, pattern: Option<String>) -> PyResult<Tokenizer> {
+        let items: Vec<(Vec<u8>, u32)> = if let Ok(d) = mergeable_ranks.downcast::<PyDict>() {
+            d.iter().map(|(k, v)| Ok((k.extract()?, v.extract()?))).collect::<PyResult<_>>()?
+        } else {
+            mergeable_ranks.extract()?
+        };
+        let mut tokens: Vec<Option<Vec<u8>>> = vec![None; items.len()];
+        for (b, r) in items {
+            let slot = tokens.get_mut(r as usize).ok_or_else(|| {
+                PyValueError::new_err(format!("rank {r} is out of range: ranks must be 0..n-1"))
+            })?;
+            if slot.is_some() {
+                return Err(PyValueError::new_err(format!("rank {r} appears twice")));
+            }
+            *slot = Some(b);
+        }
+        let tokens: Vec<Vec<u8>> =
+            tokens.into_iter().map(|t| t.expect("n ranks in 0..n, no duplicates")).collect();
+        let pattern = pattern.unwrap_or_else(|| GPT4_PATTERN_N2.to_string());
+        let splitter = Splitter::new(&pattern).map_err(value_err)?;
+        Ok(Tokenizer {
+            pattern,
+            merges: Vec::new(),
+            encoder: Some(Encoder::new(tokens, splitter)),
+            stats: TrainStats::default(),
+        })
+    }
+
+    fn get_pattern(&self) -> String {
+        self.pattern.clone()
+    }
+
+    /// [(token bytes, rank)] in rank order: the 256 bytes, then one entry per merge.
+    fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let enc = self.enc()?;
+        let items = enc.tokens().iter().enumerate().map(|(i, t)| (PyBytes::new(py, t), i as u32));
+        PyList::new(py, items)
+    }
+
+    /// The learned merges: merge i joins (left id, right id) into id 256 + i (empty for from_ranks).
+    fn get_merges(&self) -> Vec<Pair> {
+        self.merges.clone()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.encoder.as_ref().map_or(256, |e| e.vocab_size())
+    }
+
+    /// Whether the pattern is split by the hand-written GPT-4 scanner (else fancy-regex).
+    fn uses_fast_splitter(&self) -> bool {
+        self.encoder.as_ref().is_some_and(|e| e.splitter.is_hand_written())
+            || (self.encoder.is_none() && Splitter::new(&self.pattern).is_ok_and(|s| s.is_hand_written()))
+    }
+
+    /// Counters and timings of the last training run.
+    fn train_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = &self.stats;
+        let d = PyDict::new(py);
+        d.set_item("docs", s.docs)?;
+        d.set_item("chars", s.chars)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("pieces", s.pieces)?;
+        d.set_item("unique_pieces", s.unique_pieces)?;
+        d.set_item("unique_words", s.unique_words)?;
+        d.set_item("initial_pairs", s.initial_pairs)?;
+        d.set_item("merges", self.merges.len())?;
+        d.set_item("count_seconds", s.count_seconds)?;
+        d.set_item("merge_seconds", s.merge_seconds)?;
+        Ok(d)
+    }
+
+    /// Encode one text (no special tokens), single-threaded, GIL released.
+    fn encode(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+        let enc = self.enc()?;
+        let t = text_of(text, "text", 0)?;
+        py.allow_threads(|| enc.encode(t)).map_err(value_err)
+    }
+
+    /// Encode many texts in parallel (rayon, GIL released); `num_threads` limits the pool.
+    #[pyo3(signature = (texts, num_threads=None))]
+    fn batch_encode(
+        &self,
+        py: Python<'_>,
+        texts: &Bound<'_, PyAny>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let enc = self.enc()?;
+        let items: Vec<Bound<'_, PyAny>> = texts.try_iter()?.collect::<PyResult<_>>()?;
+        let strs: Vec<&str> =
+            items.iter().enumerate().map(|(i, it)| text_of(it, "text", i as u64)).collect::<PyResult<_>>()?;
+        let run = || enc.batch_encode(&strs);
+        let res = match num_threads {
+            Some(n) if n > 0 => {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?;
+                py.allow_threads(|| pool.install(run))
+            }
+            _ => py.allow_threads(run),
+        };
+        res.map_err(value_err)
+    }
+
+    /// Bytes of the given ids concatenated.
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self
+            .enc()?
+            .decode_bytes(&ids)
+            .map_err(|id| PyValueError::new_err(format!("unknown token id {id}")))?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// Text of the given ids (invalid UTF-8 becomes U+FFFD, as tiktoken's decode).
+    fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
+        let b = self
+            .enc()?
+            .decode_bytes(&ids)
+            .map_err(|id| PyValueError::new_err(format!("unknown token id {id}")))?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+}
+
+/// Split `text` into pre-tokenization pieces with `pattern` (default: nanochat's GPT-4 pattern).
+/// `force_regex=True` uses fancy-regex even for the GPT-4 patterns (for testing the fast path).
+#[pyfunction]
+#[pyo3(signature = (text, pattern=None, force_regex=false))]
+fn split_text(text: &Bound<'_, PyAny>, pattern: Option<String>, force_regex: bool) -> PyResult<Vec<String>> {
+    let pattern = pattern.unwrap_or_else(|| GPT4_PATTERN_N2.to_string());
+    let sp = if force_regex { Splitter::new_regex(&pattern) } else { Splitter::new(&pattern) }
+        .map_err(value_err)?;
+    let t = text_of(text, "text", 0)?;
+    Ok(sp.split(t).map_err(value_err)?.into_iter().map(str::to_owned).collect())
+}
+
+/// Whether `pattern` gets the hand-written splitter (else fancy-regex).
+#[pyfunction]
+fn is_fast_pattern(pattern: &str) -> bool {
+    Splitter::new(pattern).is_ok_and(|s| s.is_hand_written())
+}
 
 #[pymodule]
 fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("GPT4_PATTERN", GPT4_PATTERN_N2)?;
+    m.add("GPT4_PATTERN_N3", split::GPT4_PATTERN_N3)?;
+    m.add_class::<Tokenizer>()?;
+    m.add_function(wrap_pyfunction!(split_text, m)?)?;
+    m.add_function(wrap_pyfunction!(is_fast_pattern, m)?)?;
     Ok(())
 }
