@@ -1,0 +1,154 @@
+"""CPU training throughput: nanoctl vs Hugging Face transformers' NanoChat on the same config, same run.
+
+Config: depth 4, seq 512, classic arch (== transformers NanoChatForCausalLM), vocab 32768, fp32, batch 4.
+One training step = forward + backward + optimizer step. nanoctl is timed with its real optimizer
+(MuonAdamW) and, for an apples-to-apples row, with torch AdamW like the HF model. Steps of the models
+alternate inside one process so machine load (a shared box) hits them alike; the figure is the median.
+Peak RSS of each is measured in its own subprocess (VmHWM of that process).
+
+    python bench/train_bench.py [--steps 7] [--batch 4] [--threads 2]
+
+Needs `uv pip install transformers`. Prints tokens/s per row and the ratio nanoctl/HF (goal >= 1.2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+DEPTH, SEQ, VOCAB = 4, 512, 32768
+
+
+def build(kind: str, batch: int) -> tuple[Any, Any, Any]:
+    """(model, optimizer, step function) for one contender."""
+    import torch
+
+    from nanoctl.model.gpt import build_model, config_for_depth, to_hf_config
+
+    cfg = config_for_depth(DEPTH, VOCAB, SEQ, arch="classic")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (batch, SEQ), generator=g)
+    y = torch.randint(0, VOCAB, (batch, SEQ), generator=g)
+    if kind.startswith("nanoctl"):
+        model = build_model(cfg, "cpu", torch.float32)
+        if kind == "nanoctl":
+            opt = model.setup_optimizer(weight_decay=0.1)
+        else:
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=1e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0
+            )
+
+        def step() -> float:
+            loss = model(x, y)
+            loss.backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        return model, opt, step
+    from transformers import NanoChatConfig, NanoChatForCausalLM
+
+    hf_cfg = {k: v for k, v in to_hf_config(cfg).items() if k not in ("architectures", "model_type")}
+    model = NanoChatForCausalLM(NanoChatConfig(**hf_cfg)).float()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+
+    def step() -> float:
+        out = model(input_ids=x, labels=x)  # HF shifts labels inside: same work as (x, y) pairs
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return model, opt, step
+
+
+def worker(kind: str, batch: int, threads: int, steps: int) -> None:
+    """Subprocess: a few steps of one contender, then report peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _, _, step = build(kind, batch)
+    for _ in range(steps):
+        step()
+    # VmHWM (not ru_maxrss): Linux carries ru_maxrss across exec, so it would report the parent's peak
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                peak_mib = int(line.split()[1]) / 1024
+    print(json.dumps({"kind": kind, "peak_rss_mib": peak_mib}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per contender (after 1 warmup)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.batch, args.threads, 2)
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    kinds = ["nanoctl", "nanoctl-adamw", "hf"]
+    steps = {k: build(k, args.batch)[2] for k in kinds}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for k in kinds:  # warmup (allocator, first-call overheads)
+        steps[k]()
+    for _ in range(args.steps):
+        for k in kinds:  # interleaved: load on the shared box affects every contender alike
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    del steps
+
+    rss = {}
+    for k in kinds:
+        res = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                k,
+                "--batch",
+                str(args.batch),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rss[k] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+    tokens = args.batch * SEQ
+    print(
+        f"config: depth {DEPTH}, seq {SEQ}, classic arch, vocab {VOCAB}, batch {args.batch}, fp32, {args.threads} threads"
+    )
+    print(f"{'contender':<34} {'median ms/step':>15} {'tokens/s':>10} {'peak RSS MiB':>13}")
+    labels = {
+        "nanoctl": "nanoctl GPT + MuonAdamW",
+        "nanoctl-adamw": "nanoctl GPT + torch AdamW",
+        "hf": "transformers NanoChat + AdamW",
+    }
+    tps = {}
+    for k in kinds:
+        med = statistics.median(times[k])
+        tps[k] = tokens / med
+        print(f"{labels[k]:<34} {med * 1000:>15.0f} {tps[k]:>10.0f} {rss[k]:>13.0f}")
+    print(f"ratio nanoctl (MuonAdamW) / HF: {tps['nanoctl'] / tps['hf']:.2f}x")
+    print(f"ratio nanoctl (AdamW) / HF:     {tps['nanoctl-adamw'] / tps['hf']:.2f}x  (goal >= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training stages: loop.py (shared pieces), base.py (pretrain); mid/sft/rl reuse loop.py."""
