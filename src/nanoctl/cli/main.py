@@ -61,7 +61,7 @@ def _register() -> None:
 
 
 # One entry per command module, in the order they appear in --help.
-COMMAND_MODULES: list[str] = ["cache"]
+COMMAND_MODULES: list[str] = ["run", "cache", "data", "tok", "pretrain", "posttrain", "chat", "eval", "report"]
 
 _register()
 

@@ -309,11 +309,13 @@ def sft_cmd(
     ] = 0.5,
     weight_decay: Annotated[float, typer.Option(help="Muon weight decay.", rich_help_panel=_O)] = 0.0,
     init_lr_frac: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Starting LR as a fraction of the LRs above (then linear to 0).", rich_help_panel=_O
+            help="Starting LR as a fraction of the LRs above, then linear to 0 (default 0.02; CPU preset 1.0).",
+            rich_help_panel=_O,
+            show_default=False,
         ),
-    ] = 0.02,
+    ] = None,
     eval_every: Annotated[
         int | None,
         typer.Option(

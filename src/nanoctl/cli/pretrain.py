@@ -99,6 +99,14 @@ def pretrain_cmd(
     weight_decay: Annotated[
         float, typer.Option(help="Muon weight decay before batch/horizon scaling.", rich_help_panel=_O)
     ] = 0.28,
+    lr_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="Multiplier on every LR (default: nanochat's sqrt(total batch / 2^19); CPU preset 0.5).",
+            rich_help_panel=_O,
+            show_default=False,
+        ),
+    ] = None,
     warmup_steps: Annotated[
         int | None,
         typer.Option(

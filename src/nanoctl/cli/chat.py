@@ -1,0 +1,248 @@
+"""`nanoctl chat`: talk to a checkpoint in a terminal UI, a plain REPL, or one shot (-p / stdin / --json)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+from typing import Annotated, Any
+
+import typer
+
+from nanoctl.cli.common import JsonOption, err
+from nanoctl.errors import NanoctlError, UsageError
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin.isatty()
+
+
+def _stdout_is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def check_terminal(columns: int, lines: int) -> None:
+    """The chat UI is laid out for 80x24 and refuses to start in less than MIN_TERMINAL."""
+    from nanoctl.chat import MIN_TERMINAL
+
+    min_cols, min_lines = MIN_TERMINAL
+    if columns < min_cols or lines < min_lines:
+        raise NanoctlError(
+            f"terminal is {columns}x{lines}; the chat UI needs at least {min_cols}x{min_lines}",
+            "enlarge the window, or use `nanoctl chat --plain` or `-p TEXT`",
+        )
+
+
+def chat(
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", "-p", help="Answer this one prompt and exit (stdin is read when piped)."),
+    ] = None,
+    plain: Annotated[
+        bool, typer.Option("--plain", help="Line-based REPL without the full-screen UI (reads stdin lines).")
+    ] = False,
+    json_output: JsonOption = False,
+    stage: Annotated[
+        str | None,
+        typer.Option("--stage", "-i", help="base|mid|sft|rl (default: newest of rl > sft > mid > base)."),
+    ] = None,
+    tag: Annotated[
+        str | None, typer.Option("--tag", "-g", help="Model tag, e.g. d20 (default: largest d<N>).")
+    ] = None,
+    step: Annotated[
+        int | None, typer.Option("--step", "-s", help="Checkpoint step (default: latest).")
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint", help="A checkpoint directory or model_<step>.pt file (overrides --stage/--tag)."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="bfloat16|float16|float32 (default: bf16 on CUDA SM80+, else fp32)."),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")
+    ] = 0.6,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", help="Sample from the k most likely tokens; 0 = all.")
+    ] = 50,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 = off.")] = 1.0,
+    repetition_penalty: Annotated[
+        float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens; 1 = off.")
+    ] = 1.0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per reply (tokens).")] = 512,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Sampling seed (each reply uses seed + its index).")
+    ] = 42,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt (merged into the first user message).")
+    ] = None,
+) -> None:
+    """Chat with a trained model: full-screen UI in a terminal, one-shot with -p or piped stdin.
+
+    Base checkpoints run in completion mode (plain text continuation, no chat template).
+
+    UI keys: Enter send, Ctrl+J newline, Esc stop, Ctrl+N new chat, Ctrl+R regenerate, Ctrl+T edit last, Ctrl+O pick a checkpoint, F1 help. Slash commands (UI and --plain): /temp /topk /topp /max /rep /system /seed /new /regen /edit /help.
+
+    Example: [cyan]nanoctl chat -p "Why is the sky blue?" --temperature 0[/]
+    """
+    from nanoctl.chat import ChatOptions, SamplingSettings
+
+    settings = SamplingSettings(
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=None if top_p == 1.0 else top_p,
+        repetition_penalty=repetition_penalty,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
+    opts = ChatOptions(
+        stage=stage,
+        tag=tag,
+        step=step,
+        checkpoint=checkpoint,
+        device=device,
+        dtype=dtype,
+        sampling=settings,
+        system=system,
+    )
+    opts.validate()  # usage errors before the (slow) model load
+    if json_output and plain:
+        raise UsageError("--json and --plain cannot be combined", "use --json with -p TEXT or piped stdin")
+    if prompt is None and not plain and not _stdin_is_tty():
+        prompt = sys.stdin.read().rstrip("\r\n")  # `echo text |` adds a newline the model never saw
+        if not prompt.strip():
+            raise UsageError(
+                "stdin was empty", "pipe some text, pass -p TEXT, or run in a terminal for the chat UI"
+            )
+    if prompt is not None and not prompt.strip():
+        raise UsageError("--prompt is empty", "pass the text to answer, e.g. -p 'hello'")
+    if prompt is None and json_output:
+        raise UsageError("--json needs a prompt", "pass -p TEXT or pipe the prompt on stdin")
+    tui = prompt is None and not plain
+    if tui:
+        if not _stdout_is_tty():
+            raise UsageError(
+                "the chat UI needs a terminal on stdout", "use -p TEXT, --json or --plain when piping"
+            )
+        size = shutil.get_terminal_size()
+        check_terminal(size.columns, size.lines)
+
+    from nanoctl.chat import load_chat_model
+
+    if sys.stderr.isatty() and not json_output:
+        err.print("[dim]loading the model…[/]", end="\r")
+    loaded = load_chat_model(opts)
+    if prompt is not None:
+        _one_shot(loaded, prompt, opts, json_output)
+    elif plain:
+        _repl(loaded, opts)
+    else:
+        from nanoctl.tui.app import run_tui
+
+        def loader(ref: Any) -> Any:
+            from dataclasses import replace
+
+            from nanoctl.chat import load_chat_model as load
+
+            return load(
+                replace(opts, stage=ref.stage, tag=ref.tag, step=ref.step, checkpoint=str(ref.directory))
+            )
+
+        run_tui(loaded, opts.sampling, opts.system, loader=loader)
+
+
+def _one_shot(loaded: Any, prompt: str, opts: Any, json_output: bool) -> None:
+    from nanoctl.chat import run_once
+
+    def echo(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = run_once(loaded, prompt, opts.sampling, opts.system, on_delta=None if json_output else echo)
+    if json_output:
+        payload = result.to_dict()
+        payload["sampling"] = {
+            "temperature": opts.sampling.temperature,
+            "top_k": opts.sampling.top_k,
+            "top_p": opts.sampling.top_p,
+            "repetition_penalty": opts.sampling.repetition_penalty,
+            "max_tokens": opts.sampling.max_tokens,
+            "seed": opts.sampling.seed,
+        }
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    for notice in result.notices:
+        print(f"note: {notice}", file=sys.stderr)
+
+
+def _repl(loaded: Any, opts: Any) -> None:
+    """Line REPL (nanochat's chat_cli): quit/exit, clear, plus the UI's slash commands."""
+    from nanoctl.chat import ChatSession, collect, run_command
+
+    session = ChatSession(loaded, opts.sampling, opts.system)
+    interactive = _stdin_is_tty()
+    mode = "completion mode" if loaded.completion_mode else "chat mode"
+    print(f"{loaded.label} ({mode}). /help for commands, /quit or Ctrl+D to leave.", file=sys.stderr)
+
+    def read() -> str | None:
+        try:
+            return input("> ") if interactive else sys.stdin.readline() or None
+        except EOFError:
+            return None
+
+    def stream(make: Any) -> None:
+        cancel = threading.Event()
+        try:
+            collect(make(cancel), lambda d: (sys.stdout.write(d), sys.stdout.flush()))
+        except KeyboardInterrupt:  # Ctrl+C stops this reply, not the REPL
+            cancel.set()
+            print("\n[stopped]", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        for notice in session.notices:
+            print(f"note: {notice}", file=sys.stderr)
+        session.notices.clear()
+
+    while True:
+        line = read()
+        if line is None:
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("quit", "exit"):
+            return
+        if text == "clear":
+            text = "/new"
+        if text.startswith("/"):
+            try:
+                result = run_command(session, text)
+            except NanoctlError as e:
+                print(f"error: {e.message}" + (f" ({e.hint})" if e.hint else ""), file=sys.stderr)
+                continue
+            if result.action == "quit":
+                return
+            if result.action == "new":
+                session.new()
+            elif result.action == "regen":
+                try:
+                    stream(session.regenerate)
+                except NanoctlError as e:
+                    print(f"error: {e.message}", file=sys.stderr)
+            elif result.action == "edit":
+                stream(lambda c, t=result.argument: session.edit_last(t, c))
+            if result.message:
+                print(result.message, file=sys.stderr)
+            continue
+        stream(lambda c, t=text: session.send(t, c))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat")(chat)

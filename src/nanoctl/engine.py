@@ -1,0 +1,279 @@
+"""Inference engine: KV-cached batched sampling with calculator tool use, streaming token columns.
+
+As nanochat's Engine: one batch-1 prefill of the prompt, the cache copied into `num_samples` rows
+(`KVCache.prefill`), then a decode loop that yields one column of tokens (one per row) per step with a
+mask per token (1 = sampled, 0 = forced by the tool). A row finishes on `<|assistant_end|>` or `<|bos|>`.
+
+Beyond nanochat:
+- top-p (nucleus) and a repetition penalty (CTRL/HF-style: divide positive logits, multiply negative);
+- per-row seeding: row i draws from its own `torch.Generator` seeded `seed + i`, so row i of a batched
+  run equals a one-row run with seed `seed + i` (and every row's first token is its own draw);
+- generation never runs past the model's context: it stops when the preallocated cache is full;
+- the calculator is the thread-safe AST evaluator in tools/calculator.py; its errors are forced back
+  as `<|output_start|>error: ...<|output_end|>` so the model sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from nanoctl.errors import UsageError
+from nanoctl.tools.calculator import use_calculator
+
+if TYPE_CHECKING:
+    from nanoctl.model.gpt import GPT
+
+
+@dataclass
+class SamplingParams:
+    """Validated sampling knobs (shared by the engine, chat and serve)."""
+
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int | None = None  # None or 0 = the full vocabulary
+    top_p: float | None = None  # None or 1.0 = no nucleus filtering
+    repetition_penalty: float = 1.0  # 1.0 = off; > 1 discourages tokens already in the row
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise UsageError(f"temperature {self.temperature} must be >= 0", "0 means greedy decoding")
+        if self.top_k is not None and self.top_k < 0:
+            raise UsageError(f"top-k {self.top_k} must be >= 0", "0 means no top-k filtering")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top-p {self.top_p} must be in (0, 1]", "1 means no nucleus filtering")
+        if not self.repetition_penalty > 0.0:
+            raise UsageError(f"repetition penalty {self.repetition_penalty} must be > 0", "1 means off")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample_next_token(
+    logits: torch.Tensor, generators: list[torch.Generator] | None, params: SamplingParams
+) -> torch.Tensor:
+    """Sample one token per row of fp32 `logits` (B, V); returns (B,) int64.
+
+    Uses inverse-CDF sampling with one uniform per row from that row's generator, so each row's draw
+    depends only on its own logits and generator (batched == separate runs).
+    """
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    assert generators is not None and len(generators) == logits.size(0)
+    vocab = logits.size(-1)
+    top_k = params.top_k if params.top_k and params.top_k < vocab else None
+    nucleus = params.top_p is not None and params.top_p < 1.0
+    idx: torch.Tensor | None = None
+    if top_k is not None:
+        logits, idx = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
+    elif nucleus:
+        logits, idx = torch.sort(logits, dim=-1, descending=True)
+    # Temperature after top-k/sort: same ranking, and k values to scale instead of the whole vocab.
+    probs = F.softmax(logits / params.temperature, dim=-1)
+    if nucleus:
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        cum = probs.cumsum(dim=-1)
+        probs = probs.masked_fill(cum - probs >= params.top_p, 0.0)  # type: ignore[operator]
+    cdf = probs.cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators]).unsqueeze(1)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
+    if idx is not None:
+        choice = idx.gather(1, choice)
+    return choice.squeeze(1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty on tokens already in each row (`seen` is a (B, V) bool mask)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+@contextlib.contextmanager
+def last_position_logits(model: torch.nn.Module) -> Iterator[None]:
+    """During a prefill only the last position's logits are used: feed lm_head just that position.
+
+    GPT.forward has no `logits_to_keep` argument, and a 2048-token prompt would otherwise compute
+    (and softcap) a 2048 x vocab fp32 tensor only to keep its last row. A pre-hook on lm_head slices
+    its input instead; it is removed as soon as the prefill returns.
+    """
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:, :],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass
+class _Row:
+    """Per-row decoding state: forced tool-output tokens and the open python block, if any."""
+
+    forced: deque[int] = field(default_factory=deque)
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+    completed: bool = False
+
+
+class Engine:
+    """Drives a GPT's cached forward for sampling. Knows token ids only (plus the tool's specials)."""
+
+    def __init__(self, model: GPT, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.python_start = special("<|python_start|>")
+        self.python_end = special("<|python_end|>")
+        self.output_start = special("<|output_start|>")
+        self.output_end = special("<|output_end|>")
+        self.assistant_end = special("<|assistant_end|>")
+        self.bos = tokenizer.get_bos_token_id()
+        self.stop_tokens = frozenset({self.assistant_end, self.bos})
+        # Logits (B, V) the last yielded column was sampled from: lets tests compare cached decode with
+        # a full recompute, and callers inspect the distribution. Not part of the sampling path.
+        self.last_logits: torch.Tensor | None = None
+
+    @property
+    def context_len(self) -> int:
+        return int(self.model.config.sequence_len)
+
+    def max_new_tokens(self, prompt_len: int) -> int:
+        """How many tokens can still be generated after a prompt this long (cache = context)."""
+        # The last sampled token is never fed back, so a full context yields one more token.
+        return max(0, self.context_len - prompt_len + 1)
+
+    def _tool_output(self, expr_tokens: list[int]) -> list[int]:
+        expr = self.tokenizer.decode(expr_tokens)
+        result = use_calculator(expr)
+        return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield `(token_column, token_masks)` per step: one token per row, mask 1 sampled / 0 forced.
+
+        Stops when every row has emitted a stop token, after `max_tokens` columns, or when the context
+        is full. Rows that finished keep receiving (meaningless) tokens until all are done, as nanochat.
+        """
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise UsageError("the prompt must be a non-empty list of token ids")
+        if num_samples < 1:
+            raise UsageError(f"num_samples {num_samples} must be >= 1")
+        if max_tokens is not None and max_tokens < 0:
+            raise UsageError(f"max_tokens {max_tokens} must be >= 0")
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        prompt_len = len(tokens)
+        if prompt_len > self.context_len:
+            raise UsageError(
+                f"prompt of {prompt_len} tokens does not fit the model's {self.context_len}-token context",
+                "shorten it (chat drops the oldest turns automatically)",
+            )
+        limit = self.max_new_tokens(prompt_len)
+        if max_tokens is not None:
+            limit = min(limit, max_tokens)
+        if limit == 0:
+            return
+
+        model = self.model
+        device = model.get_device()
+        # Positions ever written: the prompt plus every generated token but the last.
+        cache_len = prompt_len + limit - 1
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        if num_samples == 1:
+            cache = model.new_kv_cache(1, cache_len)
+            with last_position_logits(model):
+                logits = model(ids, kv_cache=cache)[:, -1, :]
+        else:
+            # One batch-1 prefill shared by all rows: the prompt is processed once, then copied.
+            prefill = model.new_kv_cache(1, prompt_len)
+            with last_position_logits(model):
+                logits = model(ids, kv_cache=prefill)[:, -1, :].expand(num_samples, -1)
+            cache = model.new_kv_cache(num_samples, cache_len)
+            cache.prefill(prefill)
+            del prefill
+
+        generators: list[torch.Generator] | None = None
+        if not params.greedy:
+            generators = []
+            for i in range(num_samples):
+                g = torch.Generator(device=device)
+                g.manual_seed(seed + i)
+                generators.append(g)
+        penalize = params.repetition_penalty != 1.0
+        seen: torch.Tensor | None = None
+        rows_index = torch.arange(num_samples, device=device)
+        if penalize:
+            seen = torch.zeros(num_samples, logits.size(-1), dtype=torch.bool, device=device)
+            seen[:, torch.tensor(tokens, device=device)] = True
+
+        rows = [_Row() for _ in range(num_samples)]
+        for step in range(limit):
+            if step > 0:
+                logits = model(ids, kv_cache=cache)[:, -1, :]
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+            sampled = sample_next_token(logits, generators, params).tolist()
+            column: list[int] = []
+            masks: list[int] = []
+            for i, row in enumerate(rows):
+                forced = bool(row.forced)
+                token = row.forced.popleft() if forced else sampled[i]
+                column.append(token)
+                masks.append(0 if forced else 1)
+                if token in self.stop_tokens:
+                    row.completed = True
+                # The tool state machine: collect the expression, then queue the forced result.
+                if token == self.python_start:
+                    row.in_python, row.python_tokens = True, []
+                elif token == self.python_end and row.in_python:
+                    row.in_python = False
+                    if row.python_tokens:
+                        row.forced.extend(self._tool_output(row.python_tokens))
+                    row.python_tokens = []
+                elif row.in_python:
+                    row.python_tokens.append(token)
+            self.last_logits = logits
+            yield column, masks
+            if all(row.completed for row in rows):
+                return
+            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+            if seen is not None:
+                seen[rows_index, ids.squeeze(1)] = True
+
+    def generate_batch(
+        self, tokens: list[int], num_samples: int = 1, **kwargs: Any
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Non-streaming: `(results, masks)` per row, each the prompt followed by the generated tokens
+        (terminal tokens excluded), as nanochat; prompt positions have mask 0."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        completed = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, column_masks, strict=True)):
+                if completed[i]:
+                    continue
+                if token in self.stop_tokens:
+                    completed[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(completed):
+                break
+        return results, masks

@@ -1,0 +1,210 @@
+"""`nanoctl run`: the whole pipeline, one stage after another, each skipped when its output exists.
+
+text → tok train → pretrain → mid → sft → eval → report → a first chat reply. With no options it runs
+tiny on the CPU on the embedded sample corpus and the bundled starter conversations, so a learner sees
+every stage work end to end in minutes; `--stages` picks a subset and `--force` redoes them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from nanoctl.atomic import atomic_path
+from nanoctl.errors import UsageError
+from nanoctl.home import Home
+
+PIPELINE_STAGES = ("tok", "pretrain", "mid", "sft", "eval", "report", "chat")
+# Files shipped in nanoctl/sample_data that the post-training tasks look for under <home>/data/tasks/.
+STARTER_TASK_FILES = {
+    "identity_conversations.jsonl.gz": Path("identity") / "identity_conversations.jsonl",
+    "words_alpha.txt.gz": Path("words") / "words_alpha.txt",
+}
+DEMO_PROMPT = "Who are you?"
+
+
+@dataclass
+class RunOptions:
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
+    vocab_size: int | None = None  # None: 32768 on CUDA (nanochat), 4096 on CPU (tiny model, tiny corpus)
+    depth: int | None = None  # None: the pretrain device default
+    device: str = "auto"
+    force: bool = False
+    home: str | os.PathLike[str] | None = None
+    prompt: str = DEMO_PROMPT
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    seconds: float
+    summary: str
+
+
+@dataclass
+class RunResult:
+    outcomes: list[StageOutcome]
+    seconds: float
+    reply: str | None = None
+    report_path: str | None = None
+
+
+def install_starter_task_data(home: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Unpack the bundled identity conversations and word list under <home>/data/tasks/ (once)."""
+    tasks_dir = Home.resolve(home).tasks_dir
+    written = []
+    for packaged, target in STARTER_TASK_FILES.items():
+        dest = tasks_dir / target
+        if dest.exists():
+            continue
+        src = resources.files("nanoctl.sample_data") / packaged
+        with (
+            src.open("rb") as raw,
+            gzip.open(raw) as unpacked,
+            atomic_path(dest) as tmp,
+            open(tmp, "wb") as f,
+        ):
+            shutil.copyfileobj(unpacked, f)
+        written.append(dest)
+    return written
+
+
+def _validate(opts: RunOptions) -> None:
+    unknown = [s for s in opts.stages if s not in PIPELINE_STAGES]
+    if unknown:
+        raise UsageError(
+            f"--stages: unknown stage(s) {', '.join(unknown)}", f"choose from {', '.join(PIPELINE_STAGES)}"
+        )
+
+
+def run_pipeline(opts: RunOptions, say: Callable[[str], None] = print) -> RunResult:
+    """Run the selected stages in pipeline order. Each stage's own skip/resume rules apply."""
+    _validate(opts)
+    from nanoctl.device import resolve_device
+
+    device_type = resolve_device(opts.device).type
+    t_start = time.perf_counter()
+    outcomes: list[StageOutcome] = []
+    result = RunResult(outcomes=outcomes, seconds=0.0)
+    home = opts.home
+
+    def stage(name: str, fn: Callable[[], str]) -> None:
+        if name not in opts.stages:
+            return
+        say(f"── {name} " + "─" * max(0, 60 - len(name)))
+        t0 = time.perf_counter()
+        summary = fn()
+        outcomes.append(StageOutcome(name, time.perf_counter() - t0, summary))
+        say(f"✓ {name}: {summary} ({time.perf_counter() - t0:.0f}s)")
+
+    def tok() -> str:
+        from nanoctl.tok_train import TokTrainOptions, train_tokenizer
+
+        vocab = opts.vocab_size or (32768 if device_type == "cuda" else 4096)
+        r = train_tokenizer(TokTrainOptions(home=home, vocab_size=vocab, force=opts.force))
+        if r.skipped:
+            return f"kept the existing tokenizer in {r.directory} (vocab {r.vocab_size})"
+        return f"vocab {r.vocab_size} trained on {r.characters:,} chars from the {r.source}"
+
+    def pretrain() -> str:
+        from nanoctl.train.base import PretrainOptions
+        from nanoctl.train.base import pretrain as run
+
+        r = run(PretrainOptions(depth=opts.depth, device=opts.device, force=opts.force, home=home))
+        return _describe(r)
+
+    def mid() -> str:
+        from nanoctl.train.mid import MidOptions
+        from nanoctl.train.mid import mid as run
+
+        install_starter_task_data(home)
+        return _describe(run(MidOptions(device=opts.device, force=opts.force, home=home)))
+
+    def sft() -> str:
+        from nanoctl.train.sft import SFTOptions
+        from nanoctl.train.sft import sft as run
+
+        install_starter_task_data(home)
+        return _describe(run(SFTOptions(device=opts.device, force=opts.force, home=home)))
+
+    def evaluate() -> str:
+        from nanoctl.errors import NanoctlError
+        from nanoctl.evaluate.base import BaseEvalOptions, eval_base
+        from nanoctl.evaluate.core import resolve_bundle
+
+        # CORE needs the eval bundle; without one in the home, measure bpb and samples only.
+        try:
+            resolve_bundle(home=home, download=False)
+            evals: tuple[str, ...] = ("core", "bpb", "sample")
+        except NanoctlError:
+            evals = ("bpb", "sample")
+        small = device_type != "cuda"
+        r = eval_base(
+            BaseEvalOptions(
+                evals=evals,
+                device=opts.device,
+                home=home,
+                max_per_task=16 if small else -1,
+                device_batch_size=4 if small else 32,
+                split_tokens=16384 if small else 40 * 524288,
+                unconditioned_samples=2 if small else 8,
+                progress=False,
+            )
+        )
+        parts = [f"{split} bpb {v:.4f}" for split, v in r.bpb.items()]
+        if r.core and r.core.get("core") is not None:
+            parts.append(f"CORE {r.core['core']:.4f}")
+        if "core" not in evals:
+            parts.append("CORE skipped: no eval bundle (`nanoctl eval base` downloads it when online)")
+        return ", ".join(parts) or "done"
+
+    def report() -> str:
+        from nanoctl.report import ReportOptions, generate_report
+
+        r = generate_report(ReportOptions(home=home))
+        result.report_path = r.markdown_path
+        return f"report card at {r.markdown_path}"
+
+    def chat() -> str:
+        from nanoctl.chat import ChatOptions, load_chat_model, run_once
+
+        loaded = load_chat_model(ChatOptions(device=opts.device, home=home))
+        r = run_once(loaded, opts.prompt)
+        result.reply = r.reply
+        return f"{loaded.ref.label}: {opts.prompt!r} → {r.reply.strip()[:200]!r}"
+
+    for name, fn in (
+        ("tok", tok),
+        ("pretrain", pretrain),
+        ("mid", mid),
+        ("sft", sft),
+        ("eval", evaluate),
+        ("report", report),
+        ("chat", chat),
+    ):
+        stage(name, fn)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _describe(r: Any) -> str:
+    """One line for a training stage's result object (pretrain and post-training share these fields)."""
+    if getattr(r, "skipped", False):
+        return f"kept the existing checkpoint {getattr(r, 'checkpoint_dir', '')} (use --force to retrain)"
+    bits = [f"{r.final_step} steps"]
+    if r.final_loss is not None:
+        bits.append(f"loss {r.final_loss:.3f}")
+    val = getattr(r, "val_bpb", None)
+    if val is not None:
+        bits.append(f"val bpb {val:.4f}")
+    elif getattr(r, "val_loss", None) is not None:
+        bits.append(f"val {r.val_loss:.4f}")
+    bits.append(f"checkpoint in {r.checkpoint_dir}")
+    return ", ".join(bits)

@@ -1,0 +1,1 @@
+"""Terminal UIs (Textual). Imported lazily by the CLI: textual is heavy."""
