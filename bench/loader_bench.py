@@ -18,9 +18,8 @@ from pathlib import Path
 
 
 def get_tokenizer(home: Path | None) -> tuple[object, Path]:
-    from nanoctl.tokenizer import Tokenizer, load_tokenizer
-
     from nanoctl.errors import NanoctlError
+    from nanoctl.tokenizer import Tokenizer, load_tokenizer
 
     try:
         return load_tokenizer(home), home  # type: ignore[return-value]

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nanoctl.tokenizer import Tokenizer
 
 from nanoctl.model.gpt import GPT, GPTConfig, build_model
+from nanoctl.tokenizer import Tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. Question: what is the answer? Answer: yes no maybe.",

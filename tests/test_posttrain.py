@@ -31,10 +31,9 @@ SEQ = 256
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """A home with a tokenizer and a random-init base checkpoint (base/d2@0); copied per test."""
-    from nanoctl.tokenizer import Tokenizer
-
     from nanoctl.checkpoint import save_checkpoint, save_tokenizer_copy
     from nanoctl.model.gpt import build_model, config_for_depth
+    from nanoctl.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("post") / "home"
     texts = [

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nanoctl.tokenizer import Tokenizer
 
 from nanoctl.checkpoint import save_checkpoint
 from nanoctl.model.gpt import GPT, GPTConfig, build_model
+from nanoctl.tokenizer import Tokenizer
 
 VOCAB = 320  # 256 bytes + 9 specials + 55 merges; a multiple of 64 so no padding
 
