@@ -296,7 +296,9 @@ def test_resume_with_different_config_is_one_line_error(run_home: Path) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_grad_accum(run_home: Path, tmp_path: Path) -> None:
-    args = [*TINY, "--num-iterations", "6", "--eval-every", "-1", "--matrix-lr", "0.05"]
+    # nanochat's own LR rule (sqrt(B/2^19)) rather than the CPU preset's 0.5: the two runs read different
+    # row groups, and at small LRs their per-step losses differ only by the data, not by the learning.
+    args = [*TINY, "--num-iterations", "6", "--eval-every", "-1", "--matrix-lr", "0.05", "--lr-scale", "0.05"]
     one_home = tmp_path / "one"
     shutil.copytree(run_home, one_home)
     one = cli(one_home, *args)  # 1 process, grad accumulation 2

@@ -250,6 +250,8 @@ def test_load_errors(home: Path) -> None:
 def test_loads_tokenizer_made_by_nanochat_rustbpe(home: Path) -> None:
     """A tokenizer.pkl written the way nanochat writes it (PyPI rustbpe -> tiktoken) loads and agrees."""
     rustbpe = pytest.importorskip("rustbpe")
+    if not hasattr(rustbpe, "Tokenizer"):  # the repo's rustbpe/ folder seen as a namespace package
+        pytest.skip("PyPI rustbpe is not installed")
     r = rustbpe.Tokenizer()
     r.train_from_iterator(iter(CORPUS), 256 + 35, pattern=SPLIT_PATTERN)
     ranks = {bytes(k): v for k, v in r.get_mergeable_ranks()}
