@@ -346,6 +346,12 @@ async def test_tui_escape_stops_generation(home: Path) -> None:
     app_ = ChatApp(loaded, SamplingSettings(temperature=0.0, max_tokens=1000))
     async with app_.run_test(size=(80, 24)) as pilot:
         await pilot.press("h", "i", "enter")
+        # Esc must land while the reply streams: wait until generation has really started.
+        for _ in range(400):
+            if app_._generating:
+                break
+            await pilot.pause(0.01)
+        assert app_._generating
         await pilot.press("escape")
         await app_.workers.wait_for_complete()
         await pilot.pause()
