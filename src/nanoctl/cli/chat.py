@@ -245,4 +245,4 @@ def _repl(loaded: Any, opts: Any) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("chat")(chat)
+    app.command("chat", rich_help_panel="Chat")(chat)

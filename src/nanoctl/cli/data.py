@@ -271,4 +271,4 @@ def data_ls(json_output: JsonOption = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data", rich_help_panel="Pipeline")
+    app.add_typer(data_app, name="data", rich_help_panel="Data")

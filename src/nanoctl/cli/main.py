@@ -61,7 +61,7 @@ def _register() -> None:
 
 
 # One entry per command module, in the order they appear in --help.
-COMMAND_MODULES: list[str] = ["run", "cache", "data", "tok", "pretrain", "posttrain", "chat", "eval", "report"]
+COMMAND_MODULES: list[str] = ["run", "data", "tok", "pretrain", "posttrain", "eval", "report", "chat", "cache"]
 
 _register()
 

@@ -194,4 +194,4 @@ def tok_eval(
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(tok_app, name="tok", rich_help_panel="Pipeline")
+    app.add_typer(tok_app, name="tok", rich_help_panel="Data")
