@@ -4,6 +4,7 @@ error messages, and the Textual UI driven with Pilot, all against a tiny trained
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -344,6 +345,16 @@ async def test_tui_escape_stops_generation(home: Path) -> None:
     save_model(home, model, stage="base", tag="d2")
     loaded = load_chat_model(ChatOptions(device="cpu", home=home))
     app_ = ChatApp(loaded, SamplingSettings(temperature=0.0, max_tokens=1000))
+    # Pace the real model's stream (10 ms a token, like a bigger model) so the UI goes idle between
+    # pushes: otherwise a fast tiny model can finish before the test gets to press Esc.
+    send = app_.session.send
+
+    def paced_send(text: str, cancel: object = None):  # type: ignore[no-untyped-def]
+        for delta in send(text, cancel):
+            time.sleep(0.01)
+            yield delta
+
+    app_.session.send = paced_send  # type: ignore[method-assign]
     async with app_.run_test(size=(80, 24)) as pilot:
         await pilot.press("h", "i", "enter")
         # Esc must land while the reply streams: wait until generation has really started.
