@@ -123,24 +123,9 @@ def muon_momentum(step: int) -> float:
 
 def mid(opts: MidOptions) -> StageResult:
     """Mid-train the base model; see the module docstring."""
-    import os
-    from pathlib import Path
+    from nanoctl.train.post import run_stage
 
-    from nanoctl import dist
-    from nanoctl.train.post import maybe_relaunch, resolve_parent, result_from_checkpoint
-
-    if opts.home is not None:
-        os.environ["NANOCTL_HOME"] = str(Path(opts.home).expanduser().resolve())
-    wall0 = time.perf_counter()
-    if maybe_relaunch(opts):
-        ref = resolve_parent("mid", opts)
-        return result_from_checkpoint("mid", opts.output_tag or ref.tag, opts.home, wall0)
-    info = dist.init_distributed(opts.device) if not opts.dry_run else None
-    try:
-        return _run(opts, info, wall0)
-    finally:
-        if info is not None:
-            dist.cleanup()
+    return run_stage("mid", opts, _run)
 
 
 def _run(opts: MidOptions, info: Any, wall0: float) -> StageResult:

@@ -88,6 +88,25 @@ def say(msg: str, master: bool = True) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def run_stage(stage: str, opts: PostOptions, run: Any) -> StageResult:
+    """Common entry of mid/sft/rl: export the home, re-launch under torchrun when asked (the launcher then
+    reports the workers' checkpoint), else set up the process group and call `run(opts, info, wall0)`."""
+    from nanoctl import dist
+
+    if opts.home is not None:
+        os.environ["NANOCTL_HOME"] = str(Path(opts.home).expanduser().resolve())
+    wall0 = time.perf_counter()
+    if maybe_relaunch(opts):
+        ref = resolve_parent(stage, opts)
+        return result_from_checkpoint(stage, opts.output_tag or ref.tag, opts.home, wall0)
+    info = dist.init_distributed(opts.device) if not opts.dry_run else None
+    try:
+        return run(opts, info, wall0)
+    finally:
+        if info is not None:
+            dist.cleanup()
+
+
 def resolve_parent(stage: str, opts: PostOptions) -> Any:
     """The checkpoint this stage starts from; an error naming the command to run when there is none."""
     from nanoctl.checkpoint import find_checkpoint, resolve_checkpoint_path
