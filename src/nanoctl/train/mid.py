@@ -132,6 +132,7 @@ def _run(opts: MidOptions, info: Any, wall0: float) -> StageResult:
     import torch
 
     from nanoctl.device import resolve_device
+    from nanoctl.dist import all_reduce_mean
     from nanoctl.tasks.mixtures import Mixture, build_mixture
     from nanoctl.train import loop as L
     from nanoctl.train import post as P
@@ -365,8 +366,6 @@ def _run(opts: MidOptions, info: Any, wall0: float) -> StageResult:
                 L.apply_schedules(optimizer, lrm, momentum=muon_momentum(step))
                 optimizer.step()
                 model.zero_grad(set_to_none=True)
-                from nanoctl.dist import all_reduce_mean
-
                 train_loss = all_reduce_mean(float(loss_sum.item()) / grad_accum, device)
                 dt = time.perf_counter() - t0
                 if not math.isfinite(train_loss):

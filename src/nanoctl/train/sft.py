@@ -156,6 +156,7 @@ def _run(opts: SFTOptions, info: Any, wall0: float) -> StageResult:
     import torch
 
     from nanoctl.device import resolve_device
+    from nanoctl.dist import all_reduce_mean
     from nanoctl.tasks.mixtures import Mixture, build_mixture
     from nanoctl.train import loop as L
     from nanoctl.train import post as P
@@ -410,7 +411,7 @@ def _run(opts: SFTOptions, info: Any, wall0: float) -> StageResult:
                 L.apply_schedules(optimizer, lrm)
                 optimizer.step()
                 model.zero_grad(set_to_none=True)
-                train_loss = dist_mean(float(loss_sum.item()) / grad_accum, device)
+                train_loss = all_reduce_mean(float(loss_sum.item()) / grad_accum, device)
                 dt = time.perf_counter() - t0
                 if not math.isfinite(train_loss):
                     raise NanoctlError(
@@ -478,9 +479,3 @@ def _run(opts: SFTOptions, info: Any, wall0: float) -> StageResult:
         resumed_from=out.resume_step,
         plan=plan,
     )
-
-
-def dist_mean(value: float, device: Any) -> float:
-    from nanoctl.dist import all_reduce_mean
-
-    return all_reduce_mean(value, device)
