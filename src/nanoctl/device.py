@@ -103,6 +103,9 @@ def resolve_device(name: str = "auto") -> torch.device:
                 f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible",
                 "pick an index below that, or check CUDA_VISIBLE_DEVICES",
             )
+        if device.index is None:
+            # torch.cuda.set_device / memory stats refuse an index-less device: name the current one.
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.set_float32_matmul_precision("high")
     return device
 

@@ -68,7 +68,10 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         if world > 1 or local_rank:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    # Join whenever torchrun launched us, one process included (as nanochat): `--nproc-per-node 1` under
+    # torchrun then exercises the same NCCL/gloo set-up as a multi-GPU node.
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if (world > 1 or launched) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"backend": backend}
         if backend == "nccl":
