@@ -437,6 +437,34 @@ def test_cuda_bf16_kv_decode_and_compile(arch: str) -> None:
     assert torch.isfinite(loss)
 
 
+@pytest.mark.gpu
+def test_cuda_flex_attention_matches_sdpa_windows() -> None:
+    """Compiled FlexAttention (block-sparse windows) gives the loss and grads of the SDPA dense-mask path."""
+    from nanoctl.model.gpt import flex_available
+
+    if not flex_available():
+        pytest.skip("this torch has no FlexAttention")
+    cfg = GPTConfig(sequence_len=512, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
+                    window_pattern="SL", arch="current")
+    torch.manual_seed(0)
+    m = build_model(cfg, "cuda", torch.float32)
+    assert min(w for w in m.window_sizes) < 511  # some layer really is windowed
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    idx = torch.randint(0, 512, (2, 512), device="cuda")
+    ref = m(idx, targets=idx)
+    ref.backward()
+    ref_grad = m.transformer.h[0].attn.c_q.weight.grad.clone()
+    m.zero_grad(set_to_none=True)
+    assert m.prepare_flex_attention(512)
+    assert "FlexAttention" in m.attention_summary(512, True)
+    loss = torch.compile(m, dynamic=False)(idx, targets=idx)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-3
+    torch.testing.assert_close(m.transformer.h[0].attn.c_q.weight.grad, ref_grad, rtol=1e-2, atol=1e-4)
+
+
 # -- device helpers (model-adjacent; kept here to stay within this area's files) ----------------------------
 
 

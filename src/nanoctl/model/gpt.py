@@ -38,7 +38,7 @@ VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the
 SMEAR_GATE_CHANNELS = 24  # smear gate reads the first 24 channels of the normalized embedding
 QK_SCALE = 1.2  # HEAD sharpens attention by scaling q and k after QK-norm
 ROPE_BASE = {"current": 100_000.0, "classic": 10_000.0}
-ATTENTION_ENV = "NANOCTL_ATTENTION"  # auto | sdpa | flash
+ATTENTION_ENV = "NANOCTL_ATTENTION"  # auto | sdpa (no flash, no flex) | flash (require FA2/FA3)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,6 +206,30 @@ _FLASH = _probe_flash()
 _ATTN_CHOICE = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
 
 
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (block-sparse sliding windows under torch.compile on CUDA)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# Sliding-window block masks for FlexAttention, keyed by (seq_len, window, device). Filled by
+# GPT.prepare_flex_attention() *before* torch.compile traces forward (the lookup is then a constant), the
+# way torchtitan keeps its masks; a missing key falls back to SDPA.
+_FLEX_MASKS: dict[tuple[int, int, str], Any] = {}
+
+
+def _sliding_block_mask(seq_len: int, window: int, device: torch.device) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
+
+    return create_block_mask(visible, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+
+
 def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """The kernel full-sequence attention uses: "fa3", "fa2" or "sdpa" (NANOCTL_ATTENTION=sdpa forces SDPA).
 
@@ -305,7 +329,16 @@ class CausalSelfAttention(nn.Module):
             left = window if 0 <= window < T - 1 else -1
             out = _FLASH[1].flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
             return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, 0, 0)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        block_mask = _FLEX_MASKS.get((T, window, str(q.device))) if 0 <= window < T - 1 else None
+        if block_mask is not None and torch.compiler.is_compiling():
+            # SDPA can express a window only as a dense mask (no flash kernel, every block computed);
+            # FlexAttention skips the blocks outside the window. It is fast only when compiled.
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+        else:
+            y = _sdpa(q, k, v, window, 0, 0)
         return y.transpose(1, 2)
 
     def _attend_cached(
@@ -548,6 +581,38 @@ class GPT(nn.Module):
         self.init_rotary()
 
     # -- info ------------------------------------------------------------------------------------------
+
+    def prepare_flex_attention(self, seq_len: int) -> bool:
+        """Build the sliding-window block masks FlexAttention uses under torch.compile on CUDA.
+
+        Call before compiling. Returns False (SDPA stays in use) off CUDA, with flash kernels available,
+        under NANOCTL_ATTENTION=sdpa, or when this torch lacks FlexAttention.
+        """
+        device = self.get_device()
+        if device.type != "cuda" or _ATTN_CHOICE == "sdpa" or not flex_available():
+            return False
+        if attention_backend(device, self.compute_dtype) != "sdpa":
+            return False  # FA2/FA3 handle windows natively
+        for window in set(self.window_sizes):
+            if 0 <= window < seq_len - 1:
+                _FLEX_MASKS[(seq_len, window, str(device))] = _sliding_block_mask(seq_len, window, device)
+        return True
+
+    def attention_summary(self, seq_len: int, flex: bool) -> str:
+        """One line for the run banner: which kernel the training forward uses for attention."""
+        backend = attention_backend(self.get_device(), self.compute_dtype)
+        windowed = any(0 <= w < seq_len - 1 for w in self.window_sizes)
+        if backend != "sdpa":
+            return f"{backend} (flash attention, native sliding windows)"
+        if not windowed:
+            return "sdpa (causal)"
+        if flex:
+            return "FlexAttention for sliding-window layers, sdpa for full layers"
+        if _ATTN_CHOICE == "sdpa":
+            return f"sdpa with a window mask ({ATTENTION_ENV}=sdpa)"
+        if self.get_device().type == "cuda":
+            return "sdpa with a dense window mask (slow: compile, or install flash-attn, for a fast kernel)"
+        return "sdpa with a window mask"
 
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device

@@ -259,7 +259,10 @@ def _run(opts: MidOptions, info: Any, wall0: float) -> StageResult:
         progress = float(meta.get("progress", 0.0))
         L.restore_rng_state(meta.get("rng_state"))
         say(f"resuming from step {out.resume_step} ({out.directory})", master)
-    train_model = torch.compile(model, dynamic=False) if L.want_compile(opts.compile, device) else model
+    train_model = model
+    if L.want_compile(opts.compile, device):
+        model.prepare_flex_attention(T)
+        train_model = torch.compile(model, dynamic=False)
     batches = MidBatches(tokenizer, mixture.train, B, T, info.rank, info.world_size, cursor)
 
     def run_eval() -> float:
