@@ -331,3 +331,35 @@ def test_worker_failure_is_reported_readably(run_home: Path) -> None:
 
 def test_errors_are_nanoctl_errors() -> None:
     assert issubclass(UsageError, NanoctlError)
+
+
+def test_loss_scaler_skips_overflow_halves_and_grows() -> None:
+    import torch
+
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1)
+    off = L.LossScaler(False)
+    loss = (w * 3).sum()
+    assert off.scale_loss(loss) is loss and off.unscale_and_check(opt) and off.state_dict() == {}
+
+    scaler = L.LossScaler(True, growth_interval=2)
+    assert scaler.scale == 2.0**16
+    scaler.scale_loss((w * 3).sum()).backward()
+    assert scaler.unscale_and_check(opt)
+    torch.testing.assert_close(w.grad, torch.full((4,), 3.0))  # divided back exactly
+    w.grad = torch.tensor([1.0, float("inf"), 0.0, 0.0])
+    assert not scaler.unscale_and_check(opt) and scaler.scale == 2.0**15 and scaler.good_steps == 0
+    for _ in range(2):
+        w.grad = torch.ones(4)
+        assert scaler.unscale_and_check(opt)
+    assert scaler.scale == 2.0**16  # grew after growth_interval clean steps
+    again = L.LossScaler(True, scaler.state_dict())
+    assert (again.scale, again.good_steps) == (scaler.scale, scaler.good_steps)
+
+
+def test_fp16_run_uses_loss_scaling_and_saves_its_state(run_home: Path) -> None:
+    res = pretrain(tiny_opts(dtype="float16", num_iterations=3, eval_every=-1, model_tag="fp16"))
+    meta = json.loads((run_home / "checkpoints" / "base" / "fp16" / "meta_000003.json").read_text())
+    scaler = meta["loop_state"]["loss_scaler"]
+    assert scaler["scale"] <= 2.0**16 and 1 <= scaler["good_steps"] <= 3
+    assert res.final_step == 3 and math.isfinite(losses(run_home, "fp16")[3])

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -617,10 +618,16 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
         loop_state = L.LoopState.from_dict(meta.get("loop_state"))
         loader_state = L.rank_loader_state(meta.get("loader_state"), info.rank, info.world_size)
         L.restore_rng_state(meta.get("rng_state"))
+    scaler = L.LossScaler(dtype == torch.float16, loop_state.loss_scaler)  # fp16 only, as nanochat
+    # cuDNN attention's backward warns once per process that it is not bitwise deterministic; we know.
+    warnings.filterwarnings("ignore", message="cuDNN Attention defaults to a non-deterministic")
     orig_model = model
+    flex = False
     if L.want_compile(opts.compile, device):
+        flex = model.prepare_flex_attention(plan.max_seq_len)
         say("compiling the model (torch.compile, dynamic=False)")
         model = torch.compile(model, dynamic=False)
+    say(f"attention: {orig_model.attention_summary(plan.max_seq_len, flex)}")
 
     # --- data ------------------------------------------------------------------------------------------
     B, T = plan.device_batch_size, plan.max_seq_len
@@ -748,7 +755,7 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
                         x, y = next(train_loader)
                         loss = model(x, y)
                         loss_sum += loss.detach().float()
-                        (loss / plan.grad_accum_steps).backward()
+                        scaler.scale_loss(loss / plan.grad_accum_steps).backward()
                     lrm = L.lr_multiplier(
                         step, plan.num_iterations, plan.warmup_steps, opts.warmdown_ratio, opts.final_lr_frac
                     )
@@ -758,8 +765,15 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
                         L.muon_momentum(step, plan.num_iterations, opts.warmdown_ratio),
                         L.muon_weight_decay(step, plan.num_iterations, plan.weight_decay),
                     )
-                    optimizer.step()
+                    if scaler.unscale_and_check(optimizer):
+                        optimizer.step()
+                    else:
+                        reporter.print(
+                            f"step {step:05d} | fp16 gradients overflowed: step skipped, "
+                            f"loss scale now {scaler.scale:g}"
+                        )
                     model.zero_grad(set_to_none=True)
+                    loop_state.loss_scaler = scaler.state_dict()
                 except torch.OutOfMemoryError as e:
                     raise NanoctlError(
                         f"{device.type.upper()} out of memory at --device-batch-size {B} (seq {T})",

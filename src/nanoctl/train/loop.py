@@ -398,15 +398,19 @@ class LoopState:
     min_val_bpb: float = float("inf")
     total_training_time: float = 0.0
     val_bpb: float | None = None
+    loss_scaler: dict[str, float] = field(default_factory=dict)  # fp16 runs only
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "step": self.step,
             "smooth_train_loss": self.ema,
             "min_val_bpb": None if not math.isfinite(self.min_val_bpb) else self.min_val_bpb,
             "total_training_time": self.total_training_time,
             "val_bpb": self.val_bpb,
         }
+        if self.loss_scaler:
+            out["loss_scaler"] = self.loss_scaler
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> LoopState:
@@ -418,7 +422,55 @@ class LoopState:
             min_val_bpb=float("inf") if mv is None else mv,
             total_training_time=d.get("total_training_time", 0.0),
             val_bpb=d.get("val_bpb"),
+            loss_scaler=d.get("loss_scaler") or {},
         )
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 compute (torch.amp.GradScaler's policy), agreed across ranks.
+
+    fp16 activation gradients underflow without it. The loss is multiplied by `scale` before backward;
+    before the optimizer step the gradients are divided back and checked: if any is inf/NaN on any rank,
+    every rank skips the step and halves the scale; after `growth_interval` clean steps it doubles.
+    Disabled (bf16/fp32) it is a no-op. GradScaler itself is not used because its per-rank overflow check
+    would let ranks disagree about skipping, and our optimizer's collectives would then hang.
+    """
+
+    def __init__(self, enabled: bool, state: dict[str, float] | None = None, growth_interval: int = 2000):
+        self.enabled = enabled
+        self.growth_interval = growth_interval
+        state = state or {}
+        self.scale = float(state.get("scale", 2.0**16)) if enabled else 1.0
+        self.good_steps = int(state.get("good_steps", 0))
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_and_check(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Unscale gradients in place; False means: skip this step (an overflow happened somewhere)."""
+        if not self.enabled:
+            return True
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        bad = torch.logical_not(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            self.scale /= 2.0
+            self.good_steps = 0
+            return False
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2.0
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "good_steps": self.good_steps} if self.enabled else {}
 
 
 # --- sampling ----------------------------------------------------------------------------------------

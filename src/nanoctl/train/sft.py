@@ -284,6 +284,7 @@ def _run(opts: SFTOptions, info: Any, wall0: float) -> StageResult:
         stats = RenderStats(**(meta.get("data", {}).get("render") or {}))
         L.restore_rng_state(meta.get("rng_state"))
         say(f"resuming from step {out.resume_step} ({out.directory})", master)
+    scaler = L.LossScaler(dtype == torch.float16, loop_state.loss_scaler)  # fp16 only, as nanochat
     train_model = torch.compile(model, dynamic=True) if L.want_compile(opts.compile, device) else model
 
     batches = SFTBatches(tokenizer, train_task, B, T, info.rank, info.world_size, cursor, stats)
@@ -406,11 +407,15 @@ def _run(opts: SFTOptions, info: Any, wall0: float) -> StageResult:
                     loss = train_model(x, y, loss_reduction="sum") / n_valid.clamp(min=1)
                     loss_sum += loss.detach().double()
                     tokens += int(n_valid.item())
-                    (loss / grad_accum).backward()
+                    scaler.scale_loss(loss / grad_accum).backward()
                 lrm = 1.0 - step / iters
                 L.apply_schedules(optimizer, lrm)
-                optimizer.step()
+                if scaler.unscale_and_check(optimizer):
+                    optimizer.step()
+                else:
+                    say(f"step {step}: fp16 gradients overflowed; skipped, loss scale {scaler.scale:g}", master)
                 model.zero_grad(set_to_none=True)
+                loop_state.loss_scaler = scaler.state_dict()
                 train_loss = all_reduce_mean(float(loss_sum.item()) / grad_accum, device)
                 dt = time.perf_counter() - t0
                 if not math.isfinite(train_loss):
