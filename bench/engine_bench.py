@@ -64,12 +64,14 @@ class BenchTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def build_models(depth: int, vocab: int, seq_len: int, seed: int) -> tuple[GPT, Any]:
+def build_models(
+    depth: int, vocab: int, seq_len: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[GPT, Any]:
     from transformers import NanoChatConfig, NanoChatForCausalLM
 
     torch.manual_seed(seed)
     config = config_for_depth(depth, vocab, seq_len, arch="classic")
-    model = build_model(config, "cpu", torch.float32)
+    model = build_model(config, device, dtype)
     with torch.no_grad():
         # nanochat's init zeroes lm_head and every c_proj (logits would all be 0): use small random weights.
         for name, p in model.named_parameters():
@@ -83,6 +85,8 @@ def build_models(depth: int, vocab: int, seq_len: int, seed: int) -> tuple[GPT, 
     hf_cfg.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = NanoChatForCausalLM(NanoChatConfig(**hf_cfg))
     hf.load_state_dict(to_hf_state_dict(model.state_dict(), config), strict=True)
+    # Our master weights stay fp32 and are cast per matmul; HF runs wholly in the compute dtype.
+    hf.to(device=device, dtype=dtype)
     hf.eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -92,14 +96,20 @@ def build_models(depth: int, vocab: int, seq_len: int, seed: int) -> tuple[GPT, 
 @torch.inference_mode()
 def check_equivalence(model: GPT, hf: Any, prompt: list[int]) -> dict[str, Any]:
     """Same logits and the same greedy continuation: proof both sides run the same network."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.get_device())
     max_diff = (model(ids) - hf(ids).logits).abs().max().item()
     engine = Engine(model, BenchTokenizer(model.config.vocab_size))
     ours = engine.generate_batch(prompt, max_tokens=16, temperature=0.0)[0][0][len(prompt) :]
     theirs = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[
         0, len(prompt) :
     ].tolist()
+    _sync()
     return {"max_abs_logit_diff": max_diff, "greedy_16_tokens_equal": ours == theirs}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def time_ours(engine: Engine, prompt: list[int], rows: int, new_tokens: int) -> tuple[float, float]:
@@ -120,13 +130,16 @@ def time_ours(engine: Engine, prompt: list[int], rows: int, new_tokens: int) -> 
 
 @torch.inference_mode()
 def time_hf(hf: Any, prompt: list[int], rows: int, new_tokens: int) -> tuple[float, float]:
-    ids = torch.tensor([prompt] * rows)
+    ids = torch.tensor([prompt] * rows, device=hf.device)
     kwargs = dict(do_sample=True, temperature=0.6, top_k=50)
+    _sync()
     t0 = time.perf_counter()
     hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    _sync()
     ttft = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    _sync()
     total = time.perf_counter() - t0
     assert out.shape == (rows, len(prompt) + new_tokens)
     return ttft, rows * (new_tokens - 1) / max(total - ttft, 1e-9)
@@ -152,12 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", action="store_true", help="print one JSON document as the last line")
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, hf = build_models(args.depth, args.vocab, max(1024, args.prompt_tokens + args.new_tokens), 0)
+    seq_len = max(1024, args.prompt_tokens + args.new_tokens)
+    model, hf = build_models(args.depth, args.vocab, seq_len, 0, args.device, dtype)
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
@@ -165,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     eq = check_equivalence(model, hf, prompt)
     print(
         f"d{args.depth} classic: n_embd {cfg.n_embd}, heads {cfg.n_head}, vocab {cfg.vocab_size}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, CPU fp32, {torch.get_num_threads()} threads"
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.device} {args.dtype}, "
+        f"{torch.get_num_threads()} threads"
     )
     print(
         f"same network: max |logit diff| {eq['max_abs_logit_diff']:.2e}, "
@@ -178,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "depth": args.depth,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "dtype": args.dtype,
         "equivalence": eq,
         "rows": [],
     }
