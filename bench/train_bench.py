@@ -7,6 +7,7 @@ alternate inside one process so machine load (a shared box) hits them alike; the
 Peak RSS of each is measured in its own subprocess (VmHWM of that process).
 
     python bench/train_bench.py [--steps 7] [--batch 4] [--threads 2]
+    python bench/train_bench.py --nanochat-d6     # nanochat runcpu's d6 config vs its quoted figures
 
 Needs `uv pip install transformers`. Prints tokens/s per row and the ratio nanoctl/HF (goal >= 1.2x).
 """
@@ -86,13 +87,56 @@ def worker(kind: str, batch: int, threads: int, steps: int) -> None:
     print(json.dumps({"kind": kind, "peak_rss_mib": peak_mib}))
 
 
+# nanochat itself on a 2-core AVX2 CPU (fp32, torch.compile), d6 / head-dim 64 / seq 512 / batch 32:
+# quoted in the task brief, not measured here (nanochat is not installable offline).
+NANOCHAT_D6_QUOTED = {"tok_s": 610.0, "peak_rss_gib": 8.7, "compile_s": 70.0}
+
+
+def nanochat_d6(steps: int, threads: int) -> None:
+    """Our current-arch d6 at nanochat runcpu.sh's shape, MuonAdamW, eager (no compile): tok/s, RSS."""
+    import torch
+
+    from nanoctl.model.gpt import build_model, config_for_depth
+
+    torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    cfg = config_for_depth(6, VOCAB, SEQ, arch="current", head_dim=64, window_pattern="L")
+    model = build_model(cfg, "cpu", torch.float32)
+    opt = model.setup_optimizer(weight_decay=0.2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (32, SEQ), generator=g)
+    y = torch.randint(0, VOCAB, (32, SEQ), generator=g)
+    times = []
+    first_step_done = 0.0
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        model(x, y).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            first_step_done = time.perf_counter() - t_start
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) / 1024**2 for line in f if line.startswith("VmHWM:"))
+    tps = 32 * SEQ / statistics.median(times[1:])
+    q = NANOCHAT_D6_QUOTED
+    print(f"d6 current arch, head-dim 64, seq {SEQ}, batch 32, window L, fp32, {threads} threads, eager")
+    print(f"nanoctl:  {tps:,.0f} tok/s, peak RSS {peak:.2f} GiB, first step done {first_step_done:.1f} s after start")
+    print(f"nanochat (quoted): {q['tok_s']:.0f} tok/s, {q['peak_rss_gib']} GiB, ~{q['compile_s']:.0f} s cold compile")
+    print(f"ratio: {tps / q['tok_s']:.2f}x throughput (goal >= 1.2x), {peak / q['peak_rss_gib']:.2f}x memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=7, help="timed steps per contender (after 1 warmup)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--nanochat-d6", action="store_true", help="d6 at nanochat's CPU shape vs its quoted figures")
     args = ap.parse_args()
+    if args.nanochat_d6:
+        nanochat_d6(max(2, min(args.steps, 3)), args.threads)
+        return
     if args.worker:
         worker(args.worker, args.batch, args.threads, 2)
         return

@@ -72,8 +72,10 @@ def adamw_step(
     v32.lerp_(g32.square(), 1 - beta2_t)
     bias1 = 1 - beta1_t**step_t
     bias2 = 1 - beta2_t**step_t
-    denom = (v32 / bias2).sqrt() + eps_t
-    p32.add_(-(lr_t / bias1) * (m32 / denom))
+    # one temporary, updated in place: on a CPU each fresh (vocab x dim) buffer costs page faults
+    update = v32.div(bias2).sqrt_().add_(eps_t)
+    torch.div(m32, update, out=update)
+    p32.add_(update.mul_(-(lr_t / bias1)))
     p.copy_(p32)
     exp_avg.copy_(m32)
     exp_avg_sq.copy_(v32)

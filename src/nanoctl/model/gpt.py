@@ -277,6 +277,98 @@ def _sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    """lm_head matmul + logit softcap + cross-entropy, chunked over rows, gradients made in forward.
+
+    The plain path materializes (N, vocab) fp32 logits several times over (matmul, divide, tanh, multiply,
+    log-softmax, and the same again in backward); on a CPU those passes over ~N x 32768 floats cost more
+    than the matmuls themselves. Here each chunk of rows goes matmul -> softcap -> logsumexp -> (softmax -
+    onehot) * (1 - tanh^2) -> two matmuls for the input and weight gradients while it is still in cache,
+    and backward only scales the stored gradients. Same math as F.cross_entropy(ignore_index=-1) on
+    softcap * tanh(logits / softcap); used for mean/sum losses (and "none" without grad).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        vocab_size: int,
+        softcap: float,
+        reduction: str,
+        chunk_rows: int,
+    ) -> torch.Tensor:
+        w = weight[:vocab_size].to(x.dtype)
+        valid = targets >= 0
+        safe_targets = targets.clamp(min=0).unsqueeze(1)
+        count = valid.sum()
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        if need_grad and reduction == "none":
+            raise ValueError("per-row losses with gradients take the unfused path")
+        scale = 1.0 / count.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
+        row_weight = valid.float() * scale
+        losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+        # two (chunk, vocab) fp32 buffers reused by every chunk (fresh ones would page-fault each time)
+        rows = min(chunk_rows, x.size(0))
+        z_buf = torch.empty(rows, vocab_size, dtype=torch.float32, device=x.device)
+        e_buf = torch.empty_like(z_buf)
+        for start in range(0, x.size(0), chunk_rows):
+            end = min(start + chunk_rows, x.size(0))
+            xs, tgt, ok = x[start:end], safe_targets[start:end], valid[start:end]
+            z = z_buf[: end - start]
+            if x.dtype == torch.float32:
+                torch.mm(xs, w.t(), out=z)
+            else:
+                z.copy_(xs @ w.t())
+            z.mul_(1.0 / softcap).tanh_()  # capped logits = softcap * z
+            # |capped| <= softcap, so exp cannot overflow: no max-subtraction pass is needed
+            e = torch.mul(z, softcap, out=e_buf[: end - start]).exp_()
+            sum_exp = e.sum(dim=1)
+            picked = z.gather(1, tgt).squeeze(1) * softcap
+            losses[start:end] = torch.where(ok, sum_exp.log() - picked, 0.0)
+            if need_grad:
+                assert grad_x is not None and grad_w is not None
+                rw = row_weight[start:end]
+                d = e.mul_((rw / sum_exp).unsqueeze(1))  # softmax, weighted per row
+                d.scatter_add_(1, tgt, -rw.unsqueeze(1))  # minus the one-hot target
+                d.addcmul_(d, z.mul_(z), value=-1.0)  # chain rule through the softcap: * (1 - tanh^2)
+                d = d.to(x.dtype)
+                torch.mm(d, w, out=grad_x[start:end])
+                if grad_w.dtype == d.dtype:
+                    grad_w[:vocab_size].addmm_(d.t(), xs)
+                else:
+                    grad_w[:vocab_size].add_(d.t().mm(xs).float())
+        ctx.save_for_backward(grad_x, grad_w)
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total / count.float() if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out, None, None, None, None, None
+
+
+def softcap_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    softcap: float = 15.0,
+    reduction: str = "mean",
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """cross_entropy(softcap * tanh((x @ weight[:vocab].T) / softcap), targets, ignore_index=-1), fused.
+
+    x (N, C), targets (N,). Gradients flow to x and weight; reduction mean|sum (|none without grad).
+    """
+    return _SoftcapCrossEntropy.apply(x, weight, targets, vocab_size, softcap, reduction, chunk_rows)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -778,6 +870,12 @@ class GPT(nn.Module):
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
         return x + gate * shifted
 
+    def _fused_loss(self, x: torch.Tensor, reduction: str) -> bool:
+        """Chunked fused head+loss on CPU (eager); CUDA leaves it to torch.compile / the plain path."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        return reduction in ("mean", "sum") or not torch.is_grad_enabled()
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -816,6 +914,15 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
+        if targets is not None and self._fused_loss(x, loss_reduction):
+            return softcap_cross_entropy(
+                x.reshape(-1, x.size(-1)),
+                self.lm_head.weight,
+                targets.reshape(-1),
+                self.config.vocab_size,
+                SOFTCAP,
+                loss_reduction,
+            )
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
