@@ -583,6 +583,9 @@ class GPT(nn.Module):
             }
         )
         self.lm_head = Linear(config.n_embd, padded_vocab, bias=False)
+        # CPU decode's transposed copy of lm_head (see _head); not a parameter, not saved
+        self._head_t: torch.Tensor | None = None
+        self._head_t_key: tuple[Any, ...] | None = None
         kv_dim = config.n_kv_head * config.head_dim
         if current:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
@@ -870,6 +873,29 @@ class GPT(nn.Module):
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
         return x + gate * shifted
 
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """lm_head, with CPU decode steps (one position, no grad) routed to MKL's fast layouts.
+
+        A (rows x dim) @ (dim x vocab) product with few rows is a memory-bound matrix-vector product over
+        the whole head; MKL streams a row-major (vocab, dim) weight about 3x slower for one row than a
+        contiguous (dim, vocab) copy, and for several rows W @ x^T beats x @ W^T by the same margin
+        (measured in bench/engine_bench.py). Same values up to summation order.
+        """
+        weight = self.lm_head.weight
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 3 or x.size(1) != 1:
+            return self.lm_head(x)
+        rows = x.size(0)
+        flat = x.reshape(rows, x.size(-1))
+        if rows == 1:
+            key = (weight._version, weight.data_ptr(), x.dtype)
+            if self._head_t_key != key:  # rebuilt after any in-place update (optimizer step, load)
+                self._head_t = weight.detach().to(x.dtype).t().contiguous()
+                self._head_t_key = key
+            out = flat @ self._head_t
+        else:
+            out = (weight.to(x.dtype) @ flat.t()).t()
+        return out.view(rows, 1, -1)
+
     def _fused_loss(self, x: torch.Tensor, reduction: str) -> bool:
         """Chunked fused head+loss on CPU (eager); CUDA leaves it to torch.compile / the plain path."""
         if x.device.type != "cpu" or torch.compiler.is_compiling():
@@ -923,7 +949,7 @@ class GPT(nn.Module):
                 SOFTCAP,
                 loss_reduction,
             )
-        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
+        logits = self._head(x)[..., : self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
