@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU figure in bench/RESULTS.md, in one command on a CUDA machine:
 #   NANOCTL_HOME=<home with tokenizer + shards> OUT=<dir> bash bench/gpu_suite.sh [step ...]
-# Steps (default: all): env tests d12 d12sdpa d20 oom ddp engine fp16. Each step is time-boxed; a failing step
+# Steps (default: all): env tests d12 d20 engine ddp oom fp16 d12sdpa post evals. Each step is time-boxed; a failing step
 # is logged and the suite goes on. Logs and a summary land in $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${*:-env tests d12 d20 engine ddp oom fp16 d12sdpa}
+STEPS=${*:-env tests d12 d20 engine ddp oom fp16 d12sdpa post evals}
 COMMON=(--eval-every -1 --eval-tokens 524288 --sample-every -1 --save-every -1 --force)
 
 summ() {  # median tok/s, MFU and peak memory of the steps after warm-up, from a run's metrics.jsonl
@@ -55,6 +55,18 @@ engine)
 fp16)
   run fp16 300 "$PY" -m nanoctl pretrain --depth 12 --num-iterations 12 --dtype float16 --model-tag d12fp16 "${COMMON[@]}" && summ d12fp16
   grep -E "^step" "$OUT/fp16.log" | tail -2 | tee -a "$OUT/summary.txt" ;;
+post)  # the chain on GPU: short d12 base -> mid (flex + compile) -> sft (dynamic compile) -> chat -p
+  run post_base 300 "$PY" -m nanoctl pretrain --depth 12 --num-iterations 20 --total-batch-size 131072 --model-tag d12post "${COMMON[@]}" &&
+  run post_mid 300 "$PY" -m nanoctl mid --model-tag d12post --num-iterations 10 --eval-every -1 &&
+  run post_sft 300 "$PY" -m nanoctl sft --num-iterations 10 --eval-every -1 &&
+  run post_chat 120 "$PY" -m nanoctl chat --stage sft -p "Who are you?" --json
+  grep -E "^step|done" "$OUT"/post_*.log | tail -6 | tee -a "$OUT/summary.txt"
+  tail -c 600 "$OUT/post_chat.log" | tee -a "$OUT/summary.txt" ;;
+evals)  # CORE (bundle in the home) and a chat task on the GPU
+  run eval_core 300 "$PY" -m nanoctl eval base --tag d12post --max-per-task 32 --no-download --no-progress
+  tail -5 "$OUT/eval_core.log" | tee -a "$OUT/summary.txt"
+  run eval_chat 200 "$PY" -m nanoctl eval chat --stage sft -t ARC-Easy -x 64 --no-progress
+  tail -4 "$OUT/eval_chat.log" | tee -a "$OUT/summary.txt" ;;
 *) echo "unknown step $step" ;;
 esac; done
 echo SUITE-DONE | tee -a "$OUT/summary.txt"
