@@ -499,3 +499,47 @@ def test_peak_flops_table() -> None:
     assert peak_flops_for_name("NVIDIA GeForce RTX 4090") == 165.2e12
     assert peak_flops_for_name("Some Future Accelerator") is None
     assert peak_flops("cpu") is None  # MFU is printed as n/a
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_softcap_cross_entropy_matches_plain_path(reduction: str) -> None:
+    """The chunked CPU head+loss gives F.cross_entropy's loss and gradients (ignored targets, ragged chunk)."""
+    import torch.nn.functional as F
+
+    from nanoctl.model.gpt import softcap_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(37, 16, generator=g)
+    w0 = torch.randn(72, 16, generator=g)  # 64 real vocab rows + 8 padding rows
+    targets = torch.randint(0, 64, (37,), generator=g)
+    targets[[3, 20, 36]] = -1
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    logits = F.linear(x, w)[:, :64]
+    ref = F.cross_entropy(15 * torch.tanh(logits / 15), targets, ignore_index=-1, reduction=reduction)
+    (ref * 0.5).backward()
+    xf, wf = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got = softcap_cross_entropy(xf, wf, targets, 64, 15.0, reduction, chunk_rows=8)
+    (got * 0.5).backward()
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(xf.grad, x.grad)
+    torch.testing.assert_close(wf.grad, w.grad)
+    assert wf.grad is not None and wf.grad[64:].abs().max() == 0  # padding rows get no gradient
+    with torch.no_grad():  # eval: no gradient work, per-row losses allowed
+        rows = softcap_cross_entropy(xf, wf, targets, 64, 15.0, "none", chunk_rows=8)
+    plain = F.cross_entropy(15 * torch.tanh(logits.detach() / 15), targets, ignore_index=-1, reduction="none")
+    torch.testing.assert_close(rows, plain)
+
+
+def test_model_loss_uses_fused_path_on_cpu_and_matches_logits() -> None:
+    import torch.nn.functional as F
+
+    m = randomized(tiny("current"))
+    idx = torch.randint(0, 500, (2, 24))
+    tgt = torch.randint(0, 500, (2, 24))
+    tgt[0, :5] = -1
+    with torch.no_grad():
+        logits = m(idx)
+        per_row = m(idx, targets=tgt, loss_reduction="none")
+    plain = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none")
+    torch.testing.assert_close(per_row, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m(idx, targets=tgt), plain.sum() / (tgt >= 0).sum(), rtol=1e-4, atol=1e-5)

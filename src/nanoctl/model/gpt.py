@@ -298,12 +298,12 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         softcap: float,
         reduction: str,
         chunk_rows: int,
+        need_grad: bool,
     ) -> torch.Tensor:
         w = weight[:vocab_size].to(x.dtype)
         valid = targets >= 0
         safe_targets = targets.clamp(min=0).unsqueeze(1)
         count = valid.sum()
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         if need_grad and reduction == "none":
             raise ValueError("per-row losses with gradients take the unfused path")
         scale = 1.0 / count.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
@@ -350,7 +350,7 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out, None, None, None, None, None
+        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out, None, None, None, None, None, None
 
 
 def softcap_cross_entropy(
@@ -366,7 +366,9 @@ def softcap_cross_entropy(
 
     x (N, C), targets (N,). Gradients flow to x and weight; reduction mean|sum (|none without grad).
     """
-    return _SoftcapCrossEntropy.apply(x, weight, targets, vocab_size, softcap, reduction, chunk_rows)
+    # (forward always runs with grad mode off, so whether gradients are wanted is decided out here)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _SoftcapCrossEntropy.apply(x, weight, targets, vocab_size, softcap, reduction, chunk_rows, need_grad)
 
 
 class CausalSelfAttention(nn.Module):

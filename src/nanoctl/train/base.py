@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -619,8 +618,6 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
         loader_state = L.rank_loader_state(meta.get("loader_state"), info.rank, info.world_size)
         L.restore_rng_state(meta.get("rng_state"))
     scaler = L.LossScaler(dtype == torch.float16, loop_state.loss_scaler)  # fp16 only, as nanochat
-    # cuDNN attention's backward warns once per process that it is not bitwise deterministic; we know.
-    warnings.filterwarnings("ignore", message="cuDNN Attention defaults to a non-deterministic")
     orig_model = model
     flex = False
     if L.want_compile(opts.compile, device):

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nanoctl.errors import NanoctlError
+
+# cuDNN attention's backward warns once per process that it is not bitwise deterministic; we know, and
+# the warning's wording would read like a problem in every training log on a GPU.
+warnings.filterwarnings("ignore", message="cuDNN Attention defaults to a non-deterministic")
 
 if TYPE_CHECKING:
     import torch

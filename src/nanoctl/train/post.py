@@ -96,6 +96,11 @@ def run_stage(stage: str, opts: PostOptions, run: Any) -> StageResult:
     if opts.home is not None:
         os.environ["NANOCTL_HOME"] = str(Path(opts.home).expanduser().resolve())
     wall0 = time.perf_counter()
+    if opts.data_dir is None and not opts.dry_run and dist.env_world()[0] == 0:
+        # The packaged identity conversations and word list make mid/sft work offline on a fresh home.
+        from nanoctl.pipeline import install_starter_task_data
+
+        install_starter_task_data(opts.home)
     if maybe_relaunch(opts):
         ref = resolve_parent(stage, opts)
         return result_from_checkpoint(stage, opts.output_tag or ref.tag, opts.home, wall0)
