@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON document as the last line")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.device == "cpu":
+        from nanoctl.device import tune_cpu_allocator
+
+        tune_cpu_allocator()  # as nanoctl's chat does; HF shares this process, so it benefits too
     if args.threads:
         torch.set_num_threads(args.threads)
 

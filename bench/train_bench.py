@@ -74,6 +74,10 @@ def worker(kind: str, batch: int, threads: int, steps: int) -> None:
     """Subprocess: a few steps of one contender, then report peak RSS."""
     import torch
 
+    from nanoctl.device import tune_cpu_allocator
+
+    tune_cpu_allocator()
+
     torch.set_num_threads(threads)
     _, _, step = build(kind, batch)
     for _ in range(steps):
@@ -96,8 +100,10 @@ def nanochat_d6(steps: int, threads: int) -> None:
     """Our current-arch d6 at nanochat runcpu.sh's shape, MuonAdamW, eager (no compile): tok/s, RSS."""
     import torch
 
+    from nanoctl.device import tune_cpu_allocator
     from nanoctl.model.gpt import build_model, config_for_depth
 
+    tune_cpu_allocator()
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     cfg = config_for_depth(6, VOCAB, SEQ, arch="current", head_dim=64, window_pattern="L")
@@ -143,6 +149,10 @@ def main() -> None:
 
     import torch
 
+    from nanoctl.device import tune_cpu_allocator
+
+    # nanoctl's CPU stages keep freed memory for reuse; in this one process HF gets the same benefit
+    tune_cpu_allocator()
     torch.set_num_threads(args.threads)
     kinds = ["nanoctl", "nanoctl-adamw", "hf"]
     steps = {k: build(k, args.batch)[2] for k in kinds}

@@ -543,3 +543,25 @@ def test_model_loss_uses_fused_path_on_cpu_and_matches_logits() -> None:
     plain = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction="none")
     torch.testing.assert_close(per_row, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(m(idx, targets=tgt), plain.sum() / (tgt >= 0).sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_mlp_fused_relu_square_matches_autograd() -> None:
+    import torch.nn.functional as F
+
+    from nanoctl.model.gpt import MLP
+
+    cfg = tiny("current")
+    mlp = MLP(cfg)
+    torch.nn.init.normal_(mlp.c_fc.weight, std=0.2)
+    torch.nn.init.normal_(mlp.c_proj.weight, std=0.2)
+    x = torch.randn(2, 5, cfg.n_embd, requires_grad=True)
+    out = mlp(x)  # the CPU fused path
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    fused = (out.detach(), x.grad.clone(), mlp.c_fc.weight.grad.clone(), mlp.c_proj.weight.grad.clone())
+    x.grad = None
+    mlp.zero_grad()
+    ref = F.linear(F.relu(F.linear(x, mlp.c_fc.weight)).square(), mlp.c_proj.weight)
+    (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref)).sum().backward()
+    expected = (ref.detach(), x.grad, mlp.c_fc.weight.grad, mlp.c_proj.weight.grad)
+    for got, want in zip(fused, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -248,7 +248,13 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
 
 
 def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, q_start: int, k_start: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    q_start: int,
+    k_start: int,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Causal (optionally windowed) attention in (B, H, T, D) layout via SDPA.
 
@@ -261,9 +267,9 @@ def _sdpa(
     q_end = q_start + Tq - 1
     windowed = 0 <= window < q_end - k_start  # some key is too far back for some query
     if not windowed and q_start == k_start and Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     if not windowed and Tq == 1 and k_start + Tk - 1 <= q_start:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, scale=scale)
     if gqa and q.is_cuda:
         # SDPA's efficient (masked) kernel lacks GQA; expand K/V rather than fall back to the math kernel.
         rep = q.size(1) // k.size(1)
@@ -274,7 +280,7 @@ def _sdpa(
     mask = cols <= rows
     if window >= 0:
         mask = mask & (rows - cols <= window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
 
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
@@ -311,36 +317,30 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
-        # two (chunk, vocab) fp32 buffers reused by every chunk (fresh ones would page-fault each time)
-        rows = min(chunk_rows, x.size(0))
-        z_buf = torch.empty(rows, vocab_size, dtype=torch.float32, device=x.device)
-        e_buf = torch.empty_like(z_buf)
+        # Each chunk is laid out (vocab, rows): MKL runs W @ x^T, W^T @ d and d @ x about 30% faster
+        # than the row-major x @ W^T family at these shapes (bench/train_bench.py).
         for start in range(0, x.size(0), chunk_rows):
             end = min(start + chunk_rows, x.size(0))
-            xs, tgt, ok = x[start:end], safe_targets[start:end], valid[start:end]
-            z = z_buf[: end - start]
-            if x.dtype == torch.float32:
-                torch.mm(xs, w.t(), out=z)
-            else:
-                z.copy_(xs @ w.t())
-            z.mul_(1.0 / softcap).tanh_()  # capped logits = softcap * z
+            xs, ok = x[start:end], valid[start:end]
+            tgt = safe_targets[start:end].view(1, -1)
+            z = torch.mm(w, xs.t()).float().mul_(1.0 / softcap).tanh_()  # capped logits^T = softcap * z
             # |capped| <= softcap, so exp cannot overflow: no max-subtraction pass is needed
-            e = torch.mul(z, softcap, out=e_buf[: end - start]).exp_()
-            sum_exp = e.sum(dim=1)
-            picked = z.gather(1, tgt).squeeze(1) * softcap
+            e = torch.mul(z, softcap).exp_()
+            sum_exp = e.sum(dim=0)
+            picked = z.gather(0, tgt).squeeze(0) * softcap
             losses[start:end] = torch.where(ok, sum_exp.log() - picked, 0.0)
             if need_grad:
                 assert grad_x is not None and grad_w is not None
                 rw = row_weight[start:end]
-                d = e.mul_((rw / sum_exp).unsqueeze(1))  # softmax, weighted per row
-                d.scatter_add_(1, tgt, -rw.unsqueeze(1))  # minus the one-hot target
+                d = e.mul_((rw / sum_exp).unsqueeze(0))  # softmax, weighted per row
+                d.scatter_add_(0, tgt, -rw.unsqueeze(0))  # minus the one-hot target
                 d.addcmul_(d, z.mul_(z), value=-1.0)  # chain rule through the softcap: * (1 - tanh^2)
                 d = d.to(x.dtype)
-                torch.mm(d, w, out=grad_x[start:end])
+                grad_x[start:end] = torch.mm(w.t(), d).t()
                 if grad_w.dtype == d.dtype:
-                    grad_w[:vocab_size].addmm_(d.t(), xs)
+                    grad_w[:vocab_size].addmm_(d, xs)
                 else:
-                    grad_w[:vocab_size].add_(d.t().mm(xs).float())
+                    grad_w[:vocab_size].add_(d.mm(xs).float())
         ctx.save_for_backward(grad_x, grad_w)
         if reduction == "none":
             return losses
@@ -378,7 +378,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
-        self.qk_scale = QK_SCALE if config.arch == "current" else 1.0
+        qk_scale = QK_SCALE if config.arch == "current" else 1.0
+        # (q * s) . (k * s) = s^2 (q . k): HEAD's QK sharpening goes into the softmax scale instead of two
+        # elementwise passes (and their backward) over q and k.
+        self.softmax_scale = qk_scale**2 / math.sqrt(self.head_dim)
         n_embd = config.n_embd
         self.c_q = Linear(n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = Linear(n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -407,8 +410,6 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)
-        if self.qk_scale != 1.0:
-            q, k = q * self.qk_scale, k * self.qk_scale
 
         if kv_cache is None:
             y = self._attend_full(q, k, v, window)
@@ -421,7 +422,9 @@ class CausalSelfAttention(nn.Module):
         T = q.size(1)
         if _FLASH is not None and q.is_cuda and attention_backend(q.device, q.dtype) != "sdpa":
             left = window if 0 <= window < T - 1 else -1
-            out = _FLASH[1].flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+            out = _FLASH[1].flash_attn_func(
+                q, k, v, softmax_scale=self.softmax_scale, causal=True, window_size=(left, 0)
+            )
             return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         block_mask = _FLEX_MASKS.get((T, window, str(q.device))) if 0 <= window < T - 1 else None
@@ -430,9 +433,11 @@ class CausalSelfAttention(nn.Module):
             # FlexAttention skips the blocks outside the window. It is fast only when compiled.
             from torch.nn.attention.flex_attention import flex_attention
 
-            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+            y = flex_attention(
+                q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=q.size(1) != k.size(1)
+            )
         else:
-            y = _sdpa(q, k, v, window, 0, 0)
+            y = _sdpa(q, k, v, window, 0, 0, self.softmax_scale)
         return y.transpose(1, 2)
 
     def _attend_cached(
@@ -451,8 +456,34 @@ class CausalSelfAttention(nn.Module):
         start = max(0, pos - window) if window >= 0 else 0
         keys = k_cache[:, start:end].transpose(1, 2)
         values = v_cache[:, start:end].transpose(1, 2)
-        y = _sdpa(q.transpose(1, 2), keys, values, window, pos, start)
+        y = _sdpa(q.transpose(1, 2), keys, values, window, pos, start, self.softmax_scale)
         return y.transpose(1, 2)
+
+
+class _LinearReluSquare(torch.autograd.Function):
+    """relu(x @ W^T)^2 for the MLP's first half, with the elementwise work cut to the minimum.
+
+    Eager autograd runs relu, square and, backward, a product, a scale, a threshold mask and a copy, each
+    a pass over the (tokens x 4 dim) hidden tensor. Here relu is applied in place to the fresh matmul
+    output and backward is one product and one scale: d/du relu(u)^2 = 2 relu(u), which is already zero
+    where u <= 0. Used on CPU in eager mode; torch.compile fuses the plain version itself.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w = weight.to(x.dtype)
+        h = F.linear(x, w).relu_()
+        ctx.save_for_backward(x, weight, h)
+        return h.square()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x, weight, h = ctx.saved_tensors
+        grad_h = torch.mul(grad, h).mul_(2.0)
+        flat_grad = grad_h.reshape(-1, grad_h.size(-1))
+        grad_x = (flat_grad @ weight.to(grad_h.dtype)).view_as(x)
+        grad_w = flat_grad.t().mm(x.reshape(-1, x.size(-1))).to(weight.dtype)
+        return grad_x, grad_w
 
 
 class MLP(nn.Module):
@@ -462,7 +493,9 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return self.c_proj(_LinearReluSquare.apply(x, self.c_fc.weight))
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # compiled (CUDA): inductor fuses this itself
 
 
 class Block(nn.Module):
