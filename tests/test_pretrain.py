@@ -363,3 +363,22 @@ def test_fp16_run_uses_loss_scaling_and_saves_its_state(run_home: Path) -> None:
     scaler = meta["loop_state"]["loss_scaler"]
     assert scaler["scale"] <= 2.0**16 and 1 <= scaler["good_steps"] <= 3
     assert res.final_step == 3 and math.isfinite(losses(run_home, "fp16")[3])
+
+
+def test_core_metric_during_pretraining(run_home: Path, shared_data: Path) -> None:
+    """--core-metric-every runs CORE from the home's bundle and records it; no bundle = a note, no crash."""
+    skipped = pretrain(tiny_opts(num_iterations=4, eval_every=-1, core_metric_every=2, model_tag="nocore"))
+    assert skipped.core_metric is None and skipped.final_step == 4
+
+    bundle = run_home / "eval" / "bundle"
+    bundle.parent.mkdir(parents=True)
+    shutil.copytree(shared_data / "eval_bundle", bundle)
+    res = pretrain(
+        tiny_opts(num_iterations=4, eval_every=-1, core_metric_every=2, core_metric_max_per_task=2,
+                  model_tag="core")
+    )  # fmt: skip
+    assert res.core_metric is not None and -1.0 <= res.core_metric <= 1.0
+    meta = json.loads((run_home / "checkpoints" / "base" / "core" / "meta_000004.json").read_text())
+    assert meta["core_metric"] == res.core_metric
+    logged = [json.loads(x) for x in (run_home / "reports" / "core" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "core_metric" in r] == [2, 4]

@@ -143,6 +143,18 @@ def pretrain_cmd(
             show_default=False,
         ),
     ] = None,
+    core_metric_every: Annotated[
+        int | None,
+        typer.Option(
+            help="CORE metric every N steps and at the end, from a local eval bundle (default 2000; CPU"
+            " preset -1 = never).",
+            rich_help_panel=_E,
+            show_default=False,
+        ),
+    ] = None,
+    core_metric_max_per_task: Annotated[
+        int, typer.Option(help="CORE examples per task during training (-1 = all).", rich_help_panel=_E)
+    ] = 500,
     save_every: Annotated[
         int, typer.Option(help="Checkpoint every N steps (-1 = only at the end).", rich_help_panel=_E)
     ] = -1,

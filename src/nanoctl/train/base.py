@@ -37,6 +37,7 @@ GPU_DEFAULTS: dict[str, Any] = dict(
     eval_every=250,
     eval_tokens=80 * 524288,
     sample_every=2000,
+    core_metric_every=2000,
     lr_scale=None,  # nanochat: sqrt(total_batch / 2^19)
 )
 LR_SCALE_CPU = 0.5  # measured on the embedded sample; see bench/RESULTS.md ("CPU preset learning rate")
@@ -52,6 +53,7 @@ CPU_PRESET: dict[str, Any] = dict(
     eval_every=50,
     eval_tokens=8 * 1024,
     sample_every=-1,  # only at the end
+    core_metric_every=-1,  # CORE takes minutes on a CPU: run `nanoctl eval base` instead
     lr_scale=LR_SCALE_CPU,
 )
 
@@ -90,6 +92,8 @@ class PretrainOptions:
     eval_every: int | None = None
     eval_tokens: int | None = None
     sample_every: int | None = None
+    core_metric_every: int | None = None
+    core_metric_max_per_task: int = 500
     save_every: int = -1
     keep_last: int = 0
     model_tag: str | None = None
@@ -139,6 +143,7 @@ class PretrainPlan:
     eval_every: int
     eval_tokens: int
     sample_every: int
+    core_metric_every: int
     vocab_size: int
     torchrun_command: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -175,7 +180,8 @@ class PretrainPlan:
             f"horizon ({self.horizon_source}): {self.num_iterations:,} iterations, {self.total_tokens:,} tokens,"
             f" tokens:params {self.tokens_per_param:.2f}, total FLOPs {self.total_flops:.3e}",
             f"schedule: warmup {self.warmup_steps} steps; eval every {self.eval_every} steps"
-            f" ({self.eval_tokens:,} tokens); samples every {self.sample_every if self.sample_every > 0 else 'run end'}",
+            f" ({self.eval_tokens:,} tokens); samples every {self.sample_every if self.sample_every > 0 else 'run end'};"
+            f" CORE every {self.core_metric_every if self.core_metric_every > 0 else 'never (nanoctl eval base)'}",
         ]
         if self.torchrun_command:
             out.append(f"launch: {self.torchrun_command}")
@@ -197,6 +203,7 @@ class PretrainResult:
     resumed_from: int | None
     skipped: bool = False  # the run was already complete
     plan: dict[str, Any] | None = None
+    core_metric: float | None = None  # the last CORE measured during the run (--core-metric-every)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -337,6 +344,7 @@ def plan_pretrain(
         eval_every=v["eval_every"],
         eval_tokens=eval_tokens,
         sample_every=v["sample_every"],
+        core_metric_every=v["core_metric_every"],
         vocab_size=vocab_size,
         torchrun_command=cmd,
     )
@@ -649,6 +657,28 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
         model.train()
         return bpb
 
+    core_state: dict[str, Any] = {"bundle": None, "skipped": False}
+
+    def run_core() -> float | None:
+        """CORE on the uncompiled model (nanochat's --core-metric-every); None when no bundle is local."""
+        from nanoctl.evaluate.core import evaluate_core, resolve_bundle
+
+        if core_state["skipped"]:
+            return None
+        if core_state["bundle"] is None:
+            try:  # never downloads mid-run: a missing bundle skips CORE with a note instead
+                core_state["bundle"] = resolve_bundle(home=opts.home, download=False)
+            except NanoctlError as e:
+                core_state["skipped"] = True
+                say(f"CORE during training skipped: {e.message} (`nanoctl eval base` downloads it)")
+                return None
+        model.eval()
+        result = evaluate_core(
+            orig_model, tokenizer, device, core_state["bundle"], max_per_task=opts.core_metric_max_per_task
+        )
+        model.train()
+        return result.core
+
     # --- outputs: metrics + run config ------------------------------------------------------------------
     user_config = _jsonable({k: v for k, v in asdict(opts).items() if k not in ("home", "dry_run")})
     start_step = resume_step or 0
@@ -728,6 +758,16 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
                     loop_state.min_val_bpb = min(loop_state.min_val_bpb, last_val)
                     reporter.print(f"step {step:05d} | validation bpb: {last_val:.6f}")
                     metrics.log(step, val_bpb=last_val)
+                if (
+                    plan.core_metric_every > 0
+                    and (last or (step > 0 and step % plan.core_metric_every == 0))
+                    and not (step == start_step and resume_step is not None)
+                ):
+                    core = run_core()
+                    if core is not None:
+                        loop_state.core_metric = core
+                        reporter.print(f"step {step:05d} | CORE metric: {core:.4f}")
+                        metrics.log(step, core_metric=core)
                 if master and (
                     last or (plan.sample_every > 0 and step % plan.sample_every == 0 and step > 0)
                 ):
@@ -844,6 +884,8 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
         mp = ckpt_dir / f"meta_{step:06d}.json"
         meta = json.loads(mp.read_text())
         meta["val_bpb"] = last_val
+        if loop_state.core_metric is not None:
+            meta["core_metric"] = loop_state.core_metric
         meta["loop_state"] = loop_state.to_dict() | {"smooth_train_loss": ema.state_dict()}
         atomic_write_json(mp, meta)
     peak_mem = max_memory_allocated_mib(device)
@@ -864,6 +906,7 @@ def _train(opts: PretrainOptions, info: Any) -> PretrainResult:
         final_loss=last_loss,
         total_training_time=loop_state.total_training_time,
         wall_time=time.perf_counter() - wall0,
+        core_metric=loop_state.core_metric,
         tokens_per_sec=(tokens_per_step * len(measured) / sum(measured)) if measured else None,
         resumed_from=resume_step,
         plan=_jsonable(asdict(plan)),

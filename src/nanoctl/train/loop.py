@@ -404,6 +404,7 @@ class LoopState:
     total_training_time: float = 0.0
     val_bpb: float | None = None
     loss_scaler: dict[str, float] = field(default_factory=dict)  # fp16 runs only
+    core_metric: float | None = None  # the last CORE measured during pretraining
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -415,6 +416,8 @@ class LoopState:
         }
         if self.loss_scaler:
             out["loss_scaler"] = self.loss_scaler
+        if self.core_metric is not None:
+            out["core_metric"] = self.core_metric
         return out
 
     @classmethod
@@ -428,6 +431,7 @@ class LoopState:
             total_training_time=d.get("total_training_time", 0.0),
             val_bpb=d.get("val_bpb"),
             loss_scaler=d.get("loss_scaler") or {},
+            core_metric=d.get("core_metric"),
         )
 
 
