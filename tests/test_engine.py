@@ -212,3 +212,22 @@ def test_tool_errors_are_forced_as_text() -> None:
         "<|output_end|>"
     )
     assert tok.decode(forced[1:-1]).startswith("error: ")
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(50, None, 0.6), (None, None, 1.0), (None, None, 0.0), (5, 0.9, 0.8)])
+def test_sampling_after_a_monotonic_softcap_equals_sampling_capped_logits(
+    top_k: int | None, top_p: float | None, temperature: float
+) -> None:
+    """The engine caps only the kept top-k values; the draws must equal capping the whole row first."""
+    from nanoctl.engine import SamplingParams, sample_next_token
+    from nanoctl.model.gpt import apply_softcap
+
+    raw = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 20
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def gens() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(7 + i) for i in range(4)]
+
+    want = sample_next_token(apply_softcap(raw.clone()), gens(), params)
+    got = sample_next_token(raw.clone(), gens(), params, apply_softcap)
+    assert got.tolist() == want.tolist()

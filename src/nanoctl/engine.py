@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,12 +56,17 @@ class SamplingParams:
 
 
 def sample_next_token(
-    logits: torch.Tensor, generators: list[torch.Generator] | None, params: SamplingParams
+    logits: torch.Tensor,
+    generators: list[torch.Generator] | None,
+    params: SamplingParams,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample one token per row of fp32 `logits` (B, V); returns (B,) int64.
 
     Uses inverse-CDF sampling with one uniform per row from that row's generator, so each row's draw
-    depends only on its own logits and generator (batched == separate runs).
+    depends only on its own logits and generator (batched == separate runs). `transform`, when given, is
+    a monotonic map (the model's softcap) still to be applied: argmax and top-k are taken before it, so
+    only the kept values are transformed.
     """
     if params.greedy:
         return torch.argmax(logits, dim=-1)
@@ -74,6 +79,8 @@ def sample_next_token(
         logits, idx = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
     elif nucleus:
         logits, idx = torch.sort(logits, dim=-1, descending=True)
+    if transform is not None:
+        logits = transform(logits.clone() if idx is None else logits)
     # Temperature after top-k/sort: same ranking, and k values to scale instead of the whole vocab.
     probs = F.softmax(logits / params.temperature, dim=-1)
     if nucleus:
@@ -137,9 +144,16 @@ class Engine:
         self.assistant_end = special("<|assistant_end|>")
         self.bos = tokenizer.get_bos_token_id()
         self.stop_tokens = frozenset({self.assistant_end, self.bos})
-        # Logits (B, V) the last yielded column was sampled from: lets tests compare cached decode with
-        # a full recompute, and callers inspect the distribution. Not part of the sampling path.
-        self.last_logits: torch.Tensor | None = None
+        # Pre-softcap logits (B, V) of the last yielded column; `last_logits` caps them on demand.
+        self._last_raw: torch.Tensor | None = None
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """Logits (B, V) the last yielded column was sampled from: lets tests compare cached decode with
+        a full recompute, and callers inspect the distribution. Not part of the sampling path."""
+        from nanoctl.model.gpt import apply_softcap
+
+        return None if self._last_raw is None else apply_softcap(self._last_raw.clone())
 
     @property
     def context_len(self) -> int:
@@ -196,15 +210,24 @@ class Engine:
         # Positions ever written: the prompt plus every generated token but the last.
         cache_len = prompt_len + limit - 1
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        # The softcap is monotonic: greedy and top-k sampling cap only what they keep (see
+        # sample_next_token), so the model returns raw logits and the full-vocabulary cap runs only when
+        # the repetition penalty or top-p needs every value.
+        from nanoctl.model.gpt import apply_softcap
+
+        full_cap = params.repetition_penalty != 1.0 or (
+            not params.greedy and not params.top_k and params.top_p is not None and params.top_p < 1.0
+        )
+        transform = None if params.greedy or full_cap else apply_softcap
         if num_samples == 1:
             cache = model.new_kv_cache(1, cache_len)
             with last_position_logits(model):
-                logits = model(ids, kv_cache=cache)[:, -1, :]
+                logits = model(ids, kv_cache=cache, softcap=False)[:, -1, :]
         else:
             # One batch-1 prefill shared by all rows: the prompt is processed once, then copied.
             prefill = model.new_kv_cache(1, prompt_len)
             with last_position_logits(model):
-                logits = model(ids, kv_cache=prefill)[:, -1, :].expand(num_samples, -1)
+                logits = model(ids, kv_cache=prefill, softcap=False)[:, -1, :].expand(num_samples, -1)
             cache = model.new_kv_cache(num_samples, cache_len)
             cache.prefill(prefill)
             del prefill
@@ -226,10 +249,13 @@ class Engine:
         rows = [_Row() for _ in range(num_samples)]
         for step in range(limit):
             if step > 0:
-                logits = model(ids, kv_cache=cache)[:, -1, :]
+                logits = model(ids, kv_cache=cache, softcap=False)[:, -1, :]
+            raw = logits
+            if full_cap:
+                logits = apply_softcap(logits.clone())
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-            sampled = sample_next_token(logits, generators, params).tolist()
+            sampled = sample_next_token(logits, generators, params, transform).tolist()
             column: list[int] = []
             masks: list[int] = []
             for i, row in enumerate(rows):
@@ -249,7 +275,7 @@ class Engine:
                     row.python_tokens = []
                 elif row.in_python:
                     row.python_tokens.append(token)
-            self.last_logits = logits
+            self._last_raw = raw
             yield column, masks
             if all(row.completed for row in rows):
                 return

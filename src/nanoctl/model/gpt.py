@@ -167,6 +167,13 @@ def window_sizes(config: GPTConfig) -> list[int]:
 # Building blocks
 
 
+def apply_softcap(logits: torch.Tensor) -> torch.Tensor:
+    """SOFTCAP * tanh(logits / SOFTCAP); in place when no gradient is being recorded."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+    return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
     # Parameter-free RMSNorm (eps = finfo(dtype).eps, as nanochat).
     return F.rms_norm(x, (x.size(-1),))
@@ -943,8 +950,13 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
+        softcap: bool = True,
     ) -> torch.Tensor:
-        """Loss (targets given; ignore_index=-1) or fp32 logits (B, T, vocab_size)."""
+        """Loss (targets given; ignore_index=-1) or fp32 logits (B, T, vocab_size).
+
+        `softcap=False` returns the logits before the (monotonic) softcap: a sampler that keeps only the
+        top k or the argmax can cap just those (`apply_softcap`) instead of the whole vocabulary.
+        """
         B, T = idx.size()
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
@@ -985,7 +997,9 @@ class GPT(nn.Module):
                 loss_reduction,
             )
         logits = self._head(x)[..., : self.config.vocab_size].float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None and not softcap:
+            return logits
+        logits = apply_softcap(logits)
         if targets is None:
             return logits
         return F.cross_entropy(
