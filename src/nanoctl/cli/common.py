@@ -92,3 +92,80 @@ HomeOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+# --- Options the training and eval commands share (pretrain, mid/sft/rl, eval) ----------------------------
+# One declaration each so the help reads the same everywhere; each command sets its own default, and an
+# option whose help, type or panel is stage-specific stays declared in its command module.
+
+OPTIMIZATION_PANEL = "Optimization"
+OUTPUT_PANEL = "Eval and output"
+RUNTIME_PANEL = "Runtime"
+DISTRIBUTED_PANEL = "Distributed"
+PRESET_DEFAULT = "default: CUDA nanochat value, else the CPU preset"
+
+EmbeddingLrOption = Annotated[
+    float, typer.Option(help="AdamW LR of the token embedding.", rich_help_panel=OPTIMIZATION_PANEL)
+]
+UnembeddingLrOption = Annotated[
+    float, typer.Option(help="AdamW LR of the output head.", rich_help_panel=OPTIMIZATION_PANEL)
+]
+MatrixLrOption = Annotated[
+    float, typer.Option(help="Muon LR of the transformer matrices.", rich_help_panel=OPTIMIZATION_PANEL)
+]
+ScalarLrOption = Annotated[
+    float, typer.Option(help="AdamW LR of the residual scalars.", rich_help_panel=OPTIMIZATION_PANEL)
+]
+SaveEveryOption = Annotated[
+    int, typer.Option(help="Checkpoint every N steps (-1 = only at the end).", rich_help_panel=OUTPUT_PANEL)
+]
+KeepLastOption = Annotated[
+    int, typer.Option(help="Keep only the newest K checkpoints (0 = keep all).", rich_help_panel=OUTPUT_PANEL)
+]
+WandbRunOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Log to wandb under this run name (needs wandb installed).",
+        rich_help_panel=OUTPUT_PANEL,
+        show_default=False,
+    ),
+]
+DeviceOption = Annotated[
+    str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUNTIME_PANEL)
+]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Compute dtype: bfloat16, float16 or float32 (default: bf16 on CUDA SM80+, else fp32).",
+        rich_help_panel=RUNTIME_PANEL,
+        show_default=False,
+    ),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads (default: all cores / processes).",
+        rich_help_panel=RUNTIME_PANEL,
+        show_default=False,
+    ),
+]
+CompileOption = Annotated[
+    str, typer.Option(help="torch.compile: auto (CUDA only), on, off.", rich_help_panel=RUNTIME_PANEL)
+]
+NprocOption = Annotated[
+    int,
+    typer.Option(
+        help="Processes on this node (re-launches under torch.distributed.run).",
+        rich_help_panel=DISTRIBUTED_PANEL,
+    ),
+]
+NnodesOption = Annotated[int, typer.Option(help="Number of nodes.", rich_help_panel=DISTRIBUTED_PANEL)]
+NodeRankOption = Annotated[
+    int, typer.Option(help="This node's rank (0..nnodes-1).", rich_help_panel=DISTRIBUTED_PANEL)
+]
+RdzvOption = Annotated[
+    str | None,
+    typer.Option(
+        help="HOST:PORT of node 0 (multi-node).", rich_help_panel=DISTRIBUTED_PANEL, show_default=False
+    ),
+]

@@ -7,14 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
-from nanoctl.cli.common import App, JsonOption, out
+from nanoctl.cli.common import RUNTIME_PANEL, App, DeviceOption, DtypeOption, JsonOption, out
 
 eval_app = App(
     help="Evaluate checkpoints: CORE and bits-per-byte for base models, task accuracy for chat models."
 )
 
 _M = "Model"
-_R = "Runtime"
+_R = RUNTIME_PANEL
 Stage = Annotated[
     str | None,
     typer.Option(help="Checkpoint stage: base, mid, sft, rl.", rich_help_panel=_M, show_default=False),
@@ -30,15 +30,6 @@ Step = Annotated[
 Checkpoint = Annotated[
     Path | None,
     typer.Option(help="Evaluate this checkpoint directory instead.", rich_help_panel=_M, show_default=False),
-]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_R)]
-Dtype = Annotated[
-    str | None,
-    typer.Option(
-        help="bfloat16, float16 or float32 (default: bf16 on CUDA SM80+, else fp32).",
-        rich_help_panel=_R,
-        show_default=False,
-    ),
 ]
 NoProgress = Annotated[
     bool, typer.Option("--no-progress", help="No progress bar (results only).", rich_help_panel=_R)
@@ -82,8 +73,8 @@ def eval_base_cmd(
     tag: Tag = None,
     step: Step = None,
     checkpoint: Checkpoint = None,
-    device: Device = "auto",
-    dtype: Dtype = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
     no_progress: NoProgress = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -169,8 +160,8 @@ def eval_chat_cmd(
     tag: Tag = None,
     step: Step = None,
     checkpoint: Checkpoint = None,
-    device: Device = "auto",
-    dtype: Dtype = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
     no_progress: NoProgress = False,
     json_output: JsonOption = False,
 ) -> None:

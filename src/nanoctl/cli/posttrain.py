@@ -7,17 +7,39 @@ from typing import Annotated, Any
 
 import typer
 
-from nanoctl.cli.common import JsonOption, out
+from nanoctl.cli.common import (
+    OPTIMIZATION_PANEL,
+    OUTPUT_PANEL,
+    PRESET_DEFAULT,
+    RUNTIME_PANEL,
+    CompileOption,
+    DeviceOption,
+    DtypeOption,
+    EmbeddingLrOption,
+    JsonOption,
+    KeepLastOption,
+    MatrixLrOption,
+    NnodesOption,
+    NodeRankOption,
+    NprocOption,
+    RdzvOption,
+    SaveEveryOption,
+    ScalarLrOption,
+    ThreadsOption,
+    UnembeddingLrOption,
+    WandbRunOption,
+    out,
+)
 
 _S = "Start from"
 _D = "Data"
-_O = "Optimization"
-_E = "Eval and output"
-_R = "Runtime"
-_X = "Distributed"
-DEV = "default: CUDA nanochat value, else the CPU preset"
+_O = OPTIMIZATION_PANEL
+_E = OUTPUT_PANEL
+_R = RUNTIME_PANEL
+DEV = PRESET_DEFAULT
 
-# Options every stage has, in one place (Typer reads them from each command's signature).
+# Options every post-training stage has, in one place (Typer reads them from each command's signature);
+# those pretrain and eval share too live in nanoctl.cli.common.
 Source = Annotated[
     str | None,
     typer.Option(
@@ -75,37 +97,8 @@ Mix = Annotated[
         "--mix", help="Add --data to the stage's task mixture instead of replacing it.", rich_help_panel=_D
     ),
 ]
-SaveEvery = Annotated[
-    int, typer.Option(help="Checkpoint every N steps (-1 = only at the end).", rich_help_panel=_E)
-]
-KeepLast = Annotated[
-    int, typer.Option(help="Keep only the newest K checkpoints (0 = keep all).", rich_help_panel=_E)
-]
-WandbRun = Annotated[
-    str | None,
-    typer.Option(
-        help="Log to wandb under this run name (needs wandb installed).",
-        rich_help_panel=_E,
-        show_default=False,
-    ),
-]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_R)]
-Dtype = Annotated[
-    str | None,
-    typer.Option(
-        help="Compute dtype: bfloat16, float16 or float32 (default: bf16 on CUDA SM80+, else fp32).",
-        rich_help_panel=_R,
-        show_default=False,
-    ),
-]
+WeightDecay = Annotated[float, typer.Option(help="Muon weight decay.", rich_help_panel=_O)]
 Seed = Annotated[int, typer.Option(help="Random seed.", rich_help_panel=_R)]
-Threads = Annotated[
-    int | None,
-    typer.Option(
-        help="CPU threads (default: all cores / processes).", rich_help_panel=_R, show_default=False
-    ),
-]
-Compile = Annotated[str, typer.Option(help="torch.compile: auto (CUDA only), on, off.", rich_help_panel=_R)]
 Resume = Annotated[
     bool,
     typer.Option(
@@ -127,17 +120,6 @@ DryRun = Annotated[
         help="Print the plan (parent, data sources, batch math, steps, launch command) and exit.",
         rich_help_panel=_R,
     ),
-]
-Nproc = Annotated[
-    int,
-    typer.Option(
-        help="Processes on this node (re-launches under torch.distributed.run).", rich_help_panel=_X
-    ),
-]
-Nnodes = Annotated[int, typer.Option(help="Number of nodes.", rich_help_panel=_X)]
-NodeRank = Annotated[int, typer.Option(help="This node's rank (0..nnodes-1).", rich_help_panel=_X)]
-Rdzv = Annotated[
-    str | None, typer.Option(help="HOST:PORT of node 0 (multi-node).", rich_help_panel=_X, show_default=False)
 ]
 
 
@@ -191,19 +173,11 @@ def mid_cmd(
             help="Tokens per row (default: the model's context).", rich_help_panel=_O, show_default=False
         ),
     ] = None,
-    embedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the token embedding.", rich_help_panel=_O)
-    ] = 0.2,
-    unembedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the output head.", rich_help_panel=_O)
-    ] = 0.004,
-    matrix_lr: Annotated[
-        float, typer.Option(help="Muon LR of the transformer matrices.", rich_help_panel=_O)
-    ] = 0.02,
-    scalar_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the residual scalars.", rich_help_panel=_O)
-    ] = 0.5,
-    weight_decay: Annotated[float, typer.Option(help="Muon weight decay.", rich_help_panel=_O)] = 0.0,
+    embedding_lr: EmbeddingLrOption = 0.2,
+    unembedding_lr: UnembeddingLrOption = 0.004,
+    matrix_lr: MatrixLrOption = 0.02,
+    scalar_lr: ScalarLrOption = 0.5,
+    weight_decay: WeightDecay = 0.0,
     init_lr_frac: Annotated[
         float, typer.Option(help="Starting LR as a fraction of the LRs above.", rich_help_panel=_O)
     ] = 1.0,
@@ -228,21 +202,21 @@ def mid_cmd(
     model_step: ModelStep = None,
     checkpoint: Checkpoint = None,
     output_tag: OutputTag = None,
-    save_every: SaveEvery = -1,
-    keep_last: KeepLast = 0,
-    wandb_run: WandbRun = None,
-    device: Device = "auto",
-    dtype: Dtype = None,
+    save_every: SaveEveryOption = -1,
+    keep_last: KeepLastOption = 0,
+    wandb_run: WandbRunOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
     seed: Seed = 42,
-    threads: Threads = None,
-    compile: Compile = "auto",
+    threads: ThreadsOption = None,
+    compile: CompileOption = "auto",
     resume: Resume = False,
     force: Force = False,
     dry_run: DryRun = False,
-    nproc_per_node: Nproc = 1,
-    nnodes: Nnodes = 1,
-    node_rank: NodeRank = 0,
-    rdzv_endpoint: Rdzv = None,
+    nproc_per_node: NprocOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    rdzv_endpoint: RdzvOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Mid-train the base model on conversations (SmolTalk, MMLU aux, GSM8K, identity, spelling).
@@ -295,19 +269,11 @@ def sft_cmd(
             show_default=False,
         ),
     ] = None,
-    embedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the token embedding.", rich_help_panel=_O)
-    ] = 0.2,
-    unembedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the output head.", rich_help_panel=_O)
-    ] = 0.004,
-    matrix_lr: Annotated[
-        float, typer.Option(help="Muon LR of the transformer matrices.", rich_help_panel=_O)
-    ] = 0.02,
-    scalar_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the residual scalars.", rich_help_panel=_O)
-    ] = 0.5,
-    weight_decay: Annotated[float, typer.Option(help="Muon weight decay.", rich_help_panel=_O)] = 0.0,
+    embedding_lr: EmbeddingLrOption = 0.2,
+    unembedding_lr: UnembeddingLrOption = 0.004,
+    matrix_lr: MatrixLrOption = 0.02,
+    scalar_lr: ScalarLrOption = 0.5,
+    weight_decay: WeightDecay = 0.0,
     init_lr_frac: Annotated[
         float | None,
         typer.Option(
@@ -360,21 +326,21 @@ def sft_cmd(
     model_step: ModelStep = None,
     checkpoint: Checkpoint = None,
     output_tag: OutputTag = None,
-    save_every: SaveEvery = -1,
-    keep_last: KeepLast = 0,
-    wandb_run: WandbRun = None,
-    device: Device = "auto",
-    dtype: Dtype = None,
+    save_every: SaveEveryOption = -1,
+    keep_last: KeepLastOption = 0,
+    wandb_run: WandbRunOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
     seed: Seed = 42,
-    threads: Threads = None,
-    compile: Compile = "off",
+    threads: ThreadsOption = None,
+    compile: CompileOption = "off",
     resume: Resume = False,
     force: Force = False,
     dry_run: DryRun = False,
-    nproc_per_node: Nproc = 1,
-    nnodes: Nnodes = 1,
-    node_rank: NodeRank = 0,
-    rdzv_endpoint: Rdzv = None,
+    nproc_per_node: NprocOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    rdzv_endpoint: RdzvOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Supervised fine-tuning on conversations, loss on the assistant's tokens only.
@@ -434,19 +400,11 @@ def rl_cmd(
         float, typer.Option(help="Sampling temperature of the rollouts.", rich_help_panel=_O)
     ] = 1.0,
     top_k: Annotated[int, typer.Option(help="Top-k sampling of the rollouts.", rich_help_panel=_O)] = 50,
-    embedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the token embedding.", rich_help_panel=_O)
-    ] = 0.2,
-    unembedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the output head.", rich_help_panel=_O)
-    ] = 0.004,
-    matrix_lr: Annotated[
-        float, typer.Option(help="Muon LR of the transformer matrices.", rich_help_panel=_O)
-    ] = 0.02,
-    scalar_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the residual scalars.", rich_help_panel=_O)
-    ] = 0.5,
-    weight_decay: Annotated[float, typer.Option(help="Muon weight decay.", rich_help_panel=_O)] = 0.0,
+    embedding_lr: EmbeddingLrOption = 0.2,
+    unembedding_lr: UnembeddingLrOption = 0.004,
+    matrix_lr: MatrixLrOption = 0.02,
+    scalar_lr: ScalarLrOption = 0.5,
+    weight_decay: WeightDecay = 0.0,
     init_lr_frac: Annotated[
         float,
         typer.Option(
@@ -478,19 +436,19 @@ def rl_cmd(
             show_default=False,
         ),
     ] = None,
-    keep_last: KeepLast = 0,
-    wandb_run: WandbRun = None,
-    device: Device = "auto",
-    dtype: Dtype = None,
+    keep_last: KeepLastOption = 0,
+    wandb_run: WandbRunOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
     seed: Seed = 42,
-    threads: Threads = None,
+    threads: ThreadsOption = None,
     resume: Resume = False,
     force: Force = False,
     dry_run: DryRun = False,
-    nproc_per_node: Nproc = 1,
-    nnodes: Nnodes = 1,
-    node_rank: NodeRank = 0,
-    rdzv_endpoint: Rdzv = None,
+    nproc_per_node: NprocOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    rdzv_endpoint: RdzvOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Reinforcement learning on a verifiable task (nanochat's simplified GRPO / REINFORCE).

@@ -6,15 +6,36 @@ from typing import Annotated
 
 import typer
 
-from nanoctl.cli.common import JsonOption, out
+from nanoctl.cli.common import (
+    OPTIMIZATION_PANEL,
+    OUTPUT_PANEL,
+    PRESET_DEFAULT,
+    RUNTIME_PANEL,
+    CompileOption,
+    DeviceOption,
+    DtypeOption,
+    EmbeddingLrOption,
+    JsonOption,
+    KeepLastOption,
+    MatrixLrOption,
+    NnodesOption,
+    NodeRankOption,
+    NprocOption,
+    RdzvOption,
+    SaveEveryOption,
+    ScalarLrOption,
+    ThreadsOption,
+    UnembeddingLrOption,
+    WandbRunOption,
+    out,
+)
 
 _M = "Model"
 _H = "Horizon"
-_O = "Optimization"
-_E = "Eval and output"
-_R = "Runtime"
-_D = "Distributed"
-DEV = "default: CUDA nanochat value, else the CPU preset"
+_O = OPTIMIZATION_PANEL
+_E = OUTPUT_PANEL
+_R = RUNTIME_PANEL
+DEV = PRESET_DEFAULT
 
 
 def pretrain_cmd(
@@ -84,18 +105,10 @@ def pretrain_cmd(
             show_default=False,
         ),
     ] = None,
-    embedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the token embedding.", rich_help_panel=_O)
-    ] = 0.3,
-    unembedding_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the output head.", rich_help_panel=_O)
-    ] = 0.008,
-    matrix_lr: Annotated[
-        float, typer.Option(help="Muon LR of the transformer matrices.", rich_help_panel=_O)
-    ] = 0.02,
-    scalar_lr: Annotated[
-        float, typer.Option(help="AdamW LR of the residual scalars.", rich_help_panel=_O)
-    ] = 0.5,
+    embedding_lr: EmbeddingLrOption = 0.3,
+    unembedding_lr: UnembeddingLrOption = 0.008,
+    matrix_lr: MatrixLrOption = 0.02,
+    scalar_lr: ScalarLrOption = 0.5,
     weight_decay: Annotated[
         float, typer.Option(help="Muon weight decay before batch/horizon scaling.", rich_help_panel=_O)
     ] = 0.28,
@@ -155,43 +168,18 @@ def pretrain_cmd(
     core_metric_max_per_task: Annotated[
         int, typer.Option(help="CORE examples per task during training (-1 = all).", rich_help_panel=_E)
     ] = 500,
-    save_every: Annotated[
-        int, typer.Option(help="Checkpoint every N steps (-1 = only at the end).", rich_help_panel=_E)
-    ] = -1,
-    keep_last: Annotated[
-        int, typer.Option(help="Keep only the newest K checkpoints (0 = keep all).", rich_help_panel=_E)
-    ] = 0,
+    save_every: SaveEveryOption = -1,
+    keep_last: KeepLastOption = 0,
     model_tag: Annotated[
         str | None,
         typer.Option(help="Checkpoint tag (default d<depth>).", rich_help_panel=_E, show_default=False),
     ] = None,
-    wandb_run: Annotated[
-        str | None,
-        typer.Option(
-            help="Log to wandb under this run name (needs wandb installed).",
-            rich_help_panel=_E,
-            show_default=False,
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_R)] = "auto",
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Compute dtype: bfloat16, float16 or float32 (default: bf16 on CUDA SM80+, else fp32).",
-            rich_help_panel=_R,
-            show_default=False,
-        ),
-    ] = None,
+    wandb_run: WandbRunOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
     seed: Annotated[int, typer.Option(help="Random seed for the weights.", rich_help_panel=_R)] = 42,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="CPU threads (default: all cores / processes).", rich_help_panel=_R, show_default=False
-        ),
-    ] = None,
-    compile: Annotated[
-        str, typer.Option(help="torch.compile: auto (CUDA only), on, off.", rich_help_panel=_R)
-    ] = "auto",
+    threads: ThreadsOption = None,
+    compile: CompileOption = "auto",
     resume: Annotated[
         bool,
         typer.Option(
@@ -214,18 +202,10 @@ def pretrain_cmd(
             rich_help_panel=_R,
         ),
     ] = False,
-    nproc_per_node: Annotated[
-        int,
-        typer.Option(
-            help="Processes on this node (re-launches under torch.distributed.run).", rich_help_panel=_D
-        ),
-    ] = 1,
-    nnodes: Annotated[int, typer.Option(help="Number of nodes.", rich_help_panel=_D)] = 1,
-    node_rank: Annotated[int, typer.Option(help="This node's rank (0..nnodes-1).", rich_help_panel=_D)] = 0,
-    rdzv_endpoint: Annotated[
-        str | None,
-        typer.Option(help="HOST:PORT of node 0 (multi-node).", rich_help_panel=_D, show_default=False),
-    ] = None,
+    nproc_per_node: NprocOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    rdzv_endpoint: RdzvOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Pretrain a base model: `--depth` sets everything else (nanochat's scaling rules).
