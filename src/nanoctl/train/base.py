@@ -181,7 +181,11 @@ class PretrainPlan:
             f" tokens:params {self.tokens_per_param:.2f}, total FLOPs {self.total_flops:.3e}",
             f"schedule: warmup {self.warmup_steps} steps; eval every {self.eval_every} steps"
             f" ({self.eval_tokens:,} tokens); samples every {self.sample_every if self.sample_every > 0 else 'run end'};"
-            f" CORE every {self.core_metric_every if self.core_metric_every > 0 else 'never (nanoctl eval base)'}",
+            + (
+                f" CORE every {self.core_metric_every} steps"
+                if self.core_metric_every > 0
+                else " CORE off (run `nanoctl eval base` after training)"
+            ),
         ]
         if self.torchrun_command:
             out.append(f"launch: {self.torchrun_command}")
