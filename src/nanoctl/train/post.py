@@ -337,6 +337,50 @@ def load_parent_model(ref: Any, info: Any, dtype: Any, opts: PostOptions) -> tup
     return load_model(ref, device=info.device, dtype=dtype, home=opts.home, phase="train")
 
 
+def setup_optimizer(model: Any, opts: PostOptions, init_lr_frac: float) -> Any:
+    """The stage's MuonAdamW with every group's LR (and its schedule base) scaled by init_lr_frac."""
+    optimizer = model.setup_optimizer(
+        unembedding_lr=opts.unembedding_lr,
+        embedding_lr=opts.embedding_lr,
+        matrix_lr=opts.matrix_lr,
+        scalar_lr=opts.scalar_lr,
+        weight_decay=opts.weight_decay,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] *= init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+@dataclass
+class ResumeState:
+    """What a post-training loop restores from its own latest checkpoint (defaults when starting fresh)."""
+
+    loop_state: Any
+    cursor: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's meta, for stage-specific extras
+
+
+def restore_training(out: OutputState, model: Any, optimizer: Any, info: Any, master: bool) -> ResumeState:
+    """Load weights, optimizer shard, loop state, this rank's data cursor and RNG when resuming."""
+    from nanoctl.train import loop as L
+
+    if out.resume_step is None:
+        return ResumeState(loop_state=L.LoopState())
+    from nanoctl.checkpoint import load_checkpoint
+
+    model_sd, optim_sd, meta = load_checkpoint(
+        out.directory, out.resume_step, device=info.device, load_optimizer=True, rank=info.rank
+    )
+    model.load_state_dict(model_sd)
+    optimizer.load_state_dict(optim_sd)
+    del model_sd, optim_sd
+    loader = L.rank_loader_state(meta.get("loader_state"), info.rank, info.world_size) or {}
+    L.restore_rng_state(meta.get("rng_state"))
+    say(f"resuming from step {out.resume_step} ({out.directory})", master)
+    return ResumeState(L.LoopState.from_dict(meta.get("loop_state")), loader.get("cursor", 0), meta)
+
+
 # --- rendering -----------------------------------------------------------------------------------------------
 
 

@@ -222,32 +222,9 @@ def _run(opts: RLOptions, info: Any, wall0: float) -> StageResult:
     model, tokenizer, _ = P.load_parent_model(ref, info, dtype, opts)
     engine = Engine(model, tokenizer)
     pad = tokenizer.encode_special("<|assistant_end|>")
-    optimizer = model.setup_optimizer(
-        unembedding_lr=opts.unembedding_lr,
-        embedding_lr=opts.embedding_lr,
-        matrix_lr=opts.matrix_lr,
-        scalar_lr=opts.scalar_lr,
-        weight_decay=opts.weight_decay,
-    )
-    for group in optimizer.param_groups:
-        group["lr"] *= opts.init_lr_frac
-        group["initial_lr"] = group["lr"]
-    loop_state = L.LoopState()
-    cursor = 0
-    if out.resume_step is not None:
-        from nanoctl.checkpoint import load_checkpoint
-
-        model_sd, optim_sd, meta = load_checkpoint(
-            out.directory, out.resume_step, device=device, load_optimizer=True, rank=info.rank
-        )
-        model.load_state_dict(model_sd)
-        optimizer.load_state_dict(optim_sd)
-        loop_state = L.LoopState.from_dict(meta.get("loop_state"))
-        cursor = (L.rank_loader_state(meta.get("loader_state"), info.rank, info.world_size) or {}).get(
-            "cursor", 0
-        )
-        L.restore_rng_state(meta.get("rng_state"))
-        say(f"resuming from step {out.resume_step} ({out.directory})", master)
+    optimizer = P.setup_optimizer(model, opts, opts.init_lr_frac)
+    resumed = P.restore_training(out, model, optimizer, info, master)
+    loop_state, cursor = resumed.loop_state, resumed.cursor
     rank_indices = list(range(info.rank, len(train_task), info.world_size))
     if not rank_indices:
         raise NanoctlError(f"not enough questions ({len(train_task)}) for {info.world_size} process(es)")

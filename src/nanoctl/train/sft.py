@@ -256,34 +256,10 @@ def _run(opts: SFTOptions, info: Any, wall0: float) -> StageResult:
     dtype, dtype_reason = P.setup_runtime(opts, info)
     say(f"compute dtype: {str(dtype).removeprefix('torch.')} ({dtype_reason})", master)
     model, tokenizer, _ = P.load_parent_model(ref, info, dtype, opts)
-    optimizer = model.setup_optimizer(
-        unembedding_lr=opts.unembedding_lr,
-        embedding_lr=opts.embedding_lr,
-        matrix_lr=opts.matrix_lr,
-        scalar_lr=opts.scalar_lr,
-        weight_decay=opts.weight_decay,
-    )
-    for group in optimizer.param_groups:
-        group["lr"] *= v["init_lr_frac"]
-        group["initial_lr"] = group["lr"]
-    loop_state = L.LoopState()
-    cursor = 0
-    stats = RenderStats()
-    if out.resume_step is not None:
-        from nanoctl.checkpoint import load_checkpoint
-
-        model_sd, optim_sd, meta = load_checkpoint(
-            out.directory, out.resume_step, device=device, load_optimizer=True, rank=info.rank
-        )
-        model.load_state_dict(model_sd)
-        optimizer.load_state_dict(optim_sd)
-        loop_state = L.LoopState.from_dict(meta.get("loop_state"))
-        cursor = (L.rank_loader_state(meta.get("loader_state"), info.rank, info.world_size) or {}).get(
-            "cursor", 0
-        )
-        stats = RenderStats(**(meta.get("data", {}).get("render") or {}))
-        L.restore_rng_state(meta.get("rng_state"))
-        say(f"resuming from step {out.resume_step} ({out.directory})", master)
+    optimizer = P.setup_optimizer(model, opts, v["init_lr_frac"])
+    resumed = P.restore_training(out, model, optimizer, info, master)
+    loop_state, cursor = resumed.loop_state, resumed.cursor
+    stats = RenderStats(**(resumed.meta.get("data", {}).get("render") or {}))
     scaler = L.LossScaler(dtype == torch.float16, loop_state.loss_scaler)  # fp16 only, as nanochat
     train_model = torch.compile(model, dynamic=True) if L.want_compile(opts.compile, device) else model
 
