@@ -314,40 +314,54 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         need_grad: bool,
     ) -> torch.Tensor:
         w = weight[:vocab_size].to(x.dtype)
+        n = x.size(0)
         valid = targets >= 0
-        safe_targets = targets.clamp(min=0).unsqueeze(1)
+        safe_targets = targets.clamp(min=0)
         count = valid.sum()
         if need_grad and reduction == "none":
             raise ValueError("per-row losses with gradients take the unfused path")
         scale = 1.0 / count.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
         row_weight = valid.float() * scale
-        losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        losses = torch.empty(n, dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
-        # Each chunk is laid out (vocab, rows): MKL runs W @ x^T, W^T @ d and d @ x about 30% faster
-        # than the row-major x @ W^T family at these shapes (bench/train_bench.py).
-        for start in range(0, x.size(0), chunk_rows):
-            end = min(start + chunk_rows, x.size(0))
-            xs, ok = x[start:end], valid[start:end]
-            tgt = safe_targets[start:end].view(1, -1)
-            z = torch.mm(w, xs.t()).float().mul_(1.0 / softcap).tanh_()  # capped logits^T = softcap * z
+        # Two (vocab, rows) buffers reused by every chunk: fresh ~32 MiB outputs per chunk cost more in page
+        # faults than the elementwise work on them. (vocab, rows) is the layout in which MKL runs W @ x^T,
+        # W^T @ g and g @ x fastest at these shapes (bench/train_bench.py).
+        rows_max = min(chunk_rows, n)
+        z_buf = torch.empty(vocab_size * rows_max, dtype=torch.float32, device=x.device)
+        e_buf = torch.empty_like(z_buf)
+        for start in range(0, n, chunk_rows):
+            end = min(start + chunk_rows, n)
+            xs, ok, tgt = x[start:end], valid[start:end], safe_targets[start:end]
+            z = z_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
+            e = e_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
+            xs_scaled_t = (xs * (1.0 / softcap)).t()  # the 1/softcap rides on the small operand
+            if x.dtype == torch.float32:
+                torch.mm(w, xs_scaled_t, out=z)
+            else:
+                z.copy_(torch.mm(w, xs_scaled_t))
+            z.tanh_()  # capped logits^T = softcap * z
             # |capped| <= softcap, so exp cannot overflow: no max-subtraction pass is needed
-            e = torch.mul(z, softcap).exp_()
+            torch.mul(z, softcap, out=e).exp_()
             sum_exp = e.sum(dim=0)
-            picked = z.gather(0, tgt).squeeze(0) * softcap
-            losses[start:end] = torch.where(ok, sum_exp.log() - picked, 0.0)
+            z_target = z.gather(0, tgt.view(1, -1)).squeeze(0)
+            losses[start:end] = torch.where(ok, sum_exp.log() - softcap * z_target, 0.0)
             if need_grad:
                 assert grad_x is not None and grad_w is not None
+                # d = rw * (softmax - onehot) * (1 - z^2). Only g = exp * (1 - z^2) is made at full size; the
+                # per-row factor rw / sum_exp and the one-hot term go onto the small operands of the matmuls.
                 rw = row_weight[start:end]
-                d = e.mul_((rw / sum_exp).unsqueeze(0))  # softmax, weighted per row
-                d.scatter_add_(0, tgt, -rw.unsqueeze(0))  # minus the one-hot target
-                d.addcmul_(d, z.mul_(z), value=-1.0)  # chain rule through the softcap: * (1 - tanh^2)
-                d = d.to(x.dtype)
-                grad_x[start:end] = torch.mm(w.t(), d).t()
-                if grad_w.dtype == d.dtype:
-                    grad_w[:vocab_size].addmm_(d, xs)
+                per_row = (rw / sum_exp).unsqueeze(1)
+                onehot_weight = (rw * (1.0 - z_target * z_target)).unsqueeze(1)
+                g = e.addcmul_(e, z.mul_(z), value=-1.0).to(x.dtype)
+                gx = torch.mm(w.t(), g).t()
+                grad_x[start:end] = gx * per_row.to(x.dtype) - w[tgt] * onehot_weight.to(x.dtype)
+                if grad_w.dtype == g.dtype:
+                    grad_w[:vocab_size].addmm_(g, xs * per_row)
                 else:
-                    grad_w[:vocab_size].add_(d.mm(xs).float())
+                    grad_w[:vocab_size].add_(g.mm(xs * per_row.to(x.dtype)).float())
+                grad_w.index_add_(0, tgt, (xs.float() * -onehot_weight))
         ctx.save_for_backward(grad_x, grad_w)
         if reduction == "none":
             return losses
