@@ -530,6 +530,29 @@ def test_fused_softcap_cross_entropy_matches_plain_path(reduction: str) -> None:
     torch.testing.assert_close(rows, plain)
 
 
+def test_fused_softcap_cross_entropy_bf16_inputs_match_fp32_reference() -> None:
+    """bf16 activations (CPU `--dtype bfloat16`) take the copy-into-fp32 branch; results track fp32."""
+    import torch.nn.functional as F
+
+    from nanoctl.model.gpt import softcap_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(50, 32, generator=g).bfloat16()
+    w0 = torch.randn(72, 32, generator=g) * 0.5
+    targets = torch.randint(0, 64, (50,), generator=g)
+    targets[3] = -1
+    x, w = x0.float().requires_grad_(), w0.clone().requires_grad_()
+    ref = F.cross_entropy(15 * torch.tanh(F.linear(x, w)[:, :64] / 15), targets, ignore_index=-1)
+    ref.backward()
+    xb, wb = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got = softcap_cross_entropy(xb, wb, targets, 64, 15.0, "mean", chunk_rows=16)
+    got.backward()
+    assert xb.grad is not None and xb.grad.dtype == torch.bfloat16 and wb.grad is not None
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(xb.grad.float(), x.grad, atol=2e-3, rtol=5e-2)
+    torch.testing.assert_close(wb.grad, w.grad, atol=5e-3, rtol=5e-2)
+
+
 def test_model_loss_uses_fused_path_on_cpu_and_matches_logits() -> None:
     import torch.nn.functional as F
 
