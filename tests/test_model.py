@@ -501,12 +501,19 @@ def test_peak_flops_table() -> None:
     assert peak_flops("cpu") is None  # MFU is printed as n/a
 
 
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native-pass", "torch-ops"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_softcap_cross_entropy_matches_plain_path(reduction: str) -> None:
-    """The chunked CPU head+loss gives F.cross_entropy's loss and gradients (ignored targets, ragged chunk)."""
+def test_fused_softcap_cross_entropy_matches_plain_path(
+    reduction: str, native: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunked CPU head+loss gives F.cross_entropy's loss and gradients (ignored targets, ragged chunk),
+    with the native one-pass kernel and with plain torch ops."""
     import torch.nn.functional as F
 
-    from nanoctl.model.gpt import softcap_cross_entropy
+    from nanoctl.model.gpt import NATIVE_LOSS_ENV, native_softcap_kernel, softcap_cross_entropy
+
+    monkeypatch.setenv(NATIVE_LOSS_ENV, native)
+    assert (native_softcap_kernel() is not None) == (native == "1")  # the built extension carries it
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(37, 16, generator=g)

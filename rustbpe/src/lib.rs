@@ -4,8 +4,12 @@
 //! splits and counts the previous batch with rayon, then runs the merge loop without the GIL.
 //! The result exports as tiktoken mergeable ranks + pattern; `encode`/`batch_encode` are
 //! token-identical to tiktoken on the same ranks.
+//!
+//! Being the package's only native extension, it also carries one CPU kernel for the model's fused
+//! loss (`softcap`), so that no C++ toolchain is needed at run time.
 pub mod encode;
 pub mod keys;
+pub mod softcap;
 pub mod split;
 pub mod train;
 mod unicode_tables;
@@ -333,6 +337,33 @@ fn is_fast_pattern(pattern: &str) -> bool {
     Splitter::new(pattern).is_ok_and(|s| s.is_hand_written())
 }
 
+/// In place over a contiguous fp32 (rows x cols) buffer holding logits / softcap: z = tanh(u),
+/// e = exp(softcap z); adds e's column sums to the fp32 `sums` (cols) and leaves e (1 - z^2) in the buffer.
+///
+/// Takes raw addresses (`tensor.data_ptr()`): the caller guarantees both are live, contiguous, fp32,
+/// of the given sizes, and not aliased. `nanoctl.model.gpt` is the only caller.
+#[pyfunction]
+fn softcap_exp_grad(
+    py: Python<'_>,
+    buf_addr: usize,
+    rows: usize,
+    cols: usize,
+    softcap: f32,
+    sums_addr: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if buf_addr == 0 || sums_addr == 0 || cols == 0 {
+        return Err(PyValueError::new_err("softcap_exp_grad: null buffer or zero columns"));
+    }
+    py.allow_threads(|| {
+        // SAFETY: the caller's contract above (live, contiguous, fp32, sizes as given, disjoint).
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf_addr as *mut f32, rows * cols) };
+        let sums = unsafe { std::slice::from_raw_parts_mut(sums_addr as *mut f32, cols) };
+        softcap::softcap_exp_grad(buf, cols, softcap, sums, threads);
+    });
+    Ok(())
+}
+
 #[pymodule]
 fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -341,5 +372,6 @@ fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
     m.add_function(wrap_pyfunction!(split_text, m)?)?;
     m.add_function(wrap_pyfunction!(is_fast_pattern, m)?)?;
+    m.add_function(wrap_pyfunction!(softcap_exp_grad, m)?)?;
     Ok(())
 }

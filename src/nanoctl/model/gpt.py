@@ -290,6 +290,20 @@ def _sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
 
 
+NATIVE_LOSS_ENV = "NANOCTL_NATIVE_LOSS"  # "0": the fused CPU loss uses torch ops, not the native pass
+
+
+def native_softcap_kernel() -> Any:
+    """The native one-pass tanh/exp/sum/gradient kernel (`nanoctl._rustbpe.softcap_exp_grad`), or None."""
+    if os.environ.get(NATIVE_LOSS_ENV, "1") == "0":
+        return None
+    try:
+        from nanoctl._rustbpe import softcap_exp_grad
+    except ImportError:  # an extension built before the kernel existed
+        return None
+    return softcap_exp_grad
+
+
 class _SoftcapCrossEntropy(torch.autograd.Function):
     """lm_head matmul + logit softcap + cross-entropy, chunked over rows, gradients made in forward.
 
@@ -325,27 +339,37 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         losses = torch.empty(n, dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
-        # Two (vocab, rows) buffers reused by every chunk: fresh ~32 MiB outputs per chunk cost more in page
+        # (vocab, rows) buffers reused by every chunk: fresh ~32 MiB outputs per chunk cost more in page
         # faults than the elementwise work on them. (vocab, rows) is the layout in which MKL runs W @ x^T,
         # W^T @ g and g @ x fastest at these shapes (bench/train_bench.py).
         rows_max = min(chunk_rows, n)
+        native = native_softcap_kernel()
         z_buf = torch.empty(vocab_size * rows_max, dtype=torch.float32, device=x.device)
-        e_buf = torch.empty_like(z_buf)
+        e_buf = None if native is not None else torch.empty_like(z_buf)
+        threads = torch.get_num_threads()
         for start in range(0, n, chunk_rows):
             end = min(start + chunk_rows, n)
             xs, ok, tgt = x[start:end], valid[start:end], safe_targets[start:end]
             z = z_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
-            e = e_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
             xs_scaled_t = (xs * (1.0 / softcap)).t()  # the 1/softcap rides on the small operand
             if x.dtype == torch.float32:
                 torch.mm(w, xs_scaled_t, out=z)
             else:
                 z.copy_(torch.mm(w, xs_scaled_t))
-            z.tanh_()  # capped logits^T = softcap * z
+            z_target = z.gather(0, tgt.view(1, -1)).squeeze(0).tanh()  # capped target logit / softcap
             # |capped| <= softcap, so exp cannot overflow: no max-subtraction pass is needed
-            torch.mul(z, softcap, out=e).exp_()
-            sum_exp = e.sum(dim=0)
-            z_target = z.gather(0, tgt.view(1, -1)).squeeze(0)
+            if native is not None:
+                # one pass: z = tanh(u), e = exp(softcap z), column sums of e, and g = e (1 - z^2) in place
+                sum_exp = torch.zeros(end - start, dtype=torch.float32, device=x.device)
+                native(z.data_ptr(), vocab_size, end - start, softcap, sum_exp.data_ptr(), threads)
+                g_full = z
+            else:
+                assert e_buf is not None
+                e = e_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
+                z.tanh_()  # capped logits^T = softcap * z
+                torch.mul(z, softcap, out=e).exp_()
+                sum_exp = e.sum(dim=0)
+                g_full = e.addcmul_(e, z.mul_(z), value=-1.0) if need_grad else e
             losses[start:end] = torch.where(ok, sum_exp.log() - softcap * z_target, 0.0)
             if need_grad:
                 assert grad_x is not None and grad_w is not None
@@ -354,7 +378,7 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
                 rw = row_weight[start:end]
                 per_row = (rw / sum_exp).unsqueeze(1)
                 onehot_weight = (rw * (1.0 - z_target * z_target)).unsqueeze(1)
-                g = e.addcmul_(e, z.mul_(z), value=-1.0).to(x.dtype)
+                g = g_full.to(x.dtype)  # exp * (1 - z^2)
                 gx = torch.mm(w.t(), g).t()
                 grad_x[start:end] = gx * per_row.to(x.dtype) - w[tgt] * onehot_weight.to(x.dtype)
                 if grad_w.dtype == g.dtype:
