@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -119,15 +120,7 @@ def d6_worker(kind: str, steps: int, threads: int) -> None:
     opt = model.setup_optimizer(weight_decay=0.2)
     forward: Any = model
     if kind == "compiled":
-        compiled: dict[str, Any] = {}
-
-        def compiled_kernel(name: str, device: torch.device) -> Any:
-            if name not in compiled:
-                eager = {"adamw": optim.adamw_step, "muon": optim.muon_step}[name]
-                compiled[name] = torch.compile(eager, dynamic=False, fullgraph=True)
-            return compiled[name]
-
-        optim._kernel = compiled_kernel  # nanochat compiles its optimizer steps on every device
+        os.environ[optim.COMPILE_ENV] = "all"  # nanochat compiles its optimizer steps on every device
         forward = torch.compile(model, dynamic=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (D6_BATCH, SEQ), generator=g)

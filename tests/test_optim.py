@@ -304,3 +304,17 @@ def test_cuda_compiled_steps_do_not_recompile_on_hyperparameter_change() -> None
         if i == 1:
             compiled = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_step_kernels_compile_on_cpu_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default: eager step kernels off CUDA; NANOCTL_OPTIM_COMPILE=all compiles them there too, 0 never."""
+    from nanoctl import optim
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(optim.COMPILE_ENV, raising=False)
+    assert optim._kernel("adamw", cpu) is optim.adamw_step
+    monkeypatch.setenv(optim.COMPILE_ENV, "all")
+    compiled = optim._kernel("muon", cpu)
+    assert compiled is not optim.muon_step and optim._kernel("muon", cpu) is compiled  # built once, reused
+    monkeypatch.setenv(optim.COMPILE_ENV, "0")
+    assert optim._kernel("muon", cpu) is optim.muon_step

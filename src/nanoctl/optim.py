@@ -30,7 +30,9 @@ from torch import Tensor
 
 from nanoctl.errors import NanoctlError
 
-COMPILE_ENV = "NANOCTL_OPTIM_COMPILE"  # "0" disables torch.compile of the step kernels on CUDA
+# torch.compile of the step kernels: default on CUDA only; "0" never; "all" on every device (CPU too, as
+# nanochat does; bench/train_bench.py --nanochat-d6 uses it for its compiled peer)
+COMPILE_ENV = "NANOCTL_OPTIM_COMPILE"
 SMALL_PARAM_NUMEL = 1024  # AdamW params below this are all-reduced and updated whole on every rank
 
 # Polar Express coefficients for 5 iterations (safety factor 2e-2, cushion 2), from Amsel, Persson, Musco,
@@ -150,7 +152,8 @@ _COMPILED: dict[str, Callable[..., None]] = {}
 
 def _kernel(name: str, device: torch.device) -> Callable[..., None]:
     eager = {"adamw": adamw_step, "muon": muon_step}[name]
-    if device.type != "cuda" or os.environ.get(COMPILE_ENV, "1") == "0":
+    mode = os.environ.get(COMPILE_ENV, "1")
+    if mode == "0" or (device.type != "cuda" and mode != "all"):
         return eager
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(eager, dynamic=False, fullgraph=True)
