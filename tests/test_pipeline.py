@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from nanoctl.cli import app
-from nanoctl.pipeline import install_starter_task_data
+from nanoctl.tasks.starter import install_starter_task_data
 
 runner = CliRunner()
 
@@ -23,6 +25,19 @@ def test_starter_task_data_unpacks_once(home: Path) -> None:
     words = (home / "data/tasks/words/words_alpha.txt").read_text().split("\n")
     assert "strawberry" in words and not any("\r" in w for w in words[:100])
     assert install_starter_task_data() == []  # second call: nothing to do
+
+
+def test_starter_data_does_not_import_the_stages() -> None:
+    """tasks.starter sits below the stages: train/post.py can import it without a cycle via pipeline."""
+    import nanoctl.pipeline
+
+    assert nanoctl.pipeline.install_starter_task_data is install_starter_task_data
+    code = (
+        "import sys, nanoctl.tasks.starter; "
+        "print([m for m in sys.modules if m.startswith(('nanoctl.pipeline', 'nanoctl.train'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_unknown_stage_is_usage_error(home: Path) -> None:

@@ -7,26 +7,16 @@ every stage work end to end in minutes; `--stages` picks a subset and `--force` 
 
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
-from nanoctl.atomic import atomic_path
 from nanoctl.errors import UsageError
-from nanoctl.home import Home
+from nanoctl.tasks.starter import install_starter_task_data
 
 PIPELINE_STAGES = ("tok", "pretrain", "mid", "sft", "eval", "report", "chat")
-# Files shipped in nanoctl/sample_data that the post-training tasks look for under <home>/data/tasks/.
-STARTER_TASK_FILES = {
-    "identity_conversations.jsonl.gz": Path("identity") / "identity_conversations.jsonl",
-    "words_alpha.txt.gz": Path("words") / "words_alpha.txt",
-}
 DEMO_PROMPT = "Who are you?"
 
 
@@ -54,26 +44,6 @@ class RunResult:
     seconds: float
     reply: str | None = None
     report_path: str | None = None
-
-
-def install_starter_task_data(home: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Unpack the bundled identity conversations and word list under <home>/data/tasks/ (once)."""
-    tasks_dir = Home.resolve(home).tasks_dir
-    written = []
-    for packaged, target in STARTER_TASK_FILES.items():
-        dest = tasks_dir / target
-        if dest.exists():
-            continue
-        src = resources.files("nanoctl.sample_data") / packaged
-        with (
-            src.open("rb") as raw,
-            gzip.open(raw) as unpacked,
-            atomic_path(dest) as tmp,
-            open(tmp, "wb") as f,
-        ):
-            shutil.copyfileobj(unpacked, f)
-        written.append(dest)
-    return written
 
 
 def _validate(opts: RunOptions) -> None:
