@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from nanoctl.engine import Engine
-from nanoctl.model.gpt import GPT, build_model, config_for_depth, to_hf_config, to_hf_state_dict
+from nanoctl.export import to_hf_config, to_hf_state_dict
+from nanoctl.model.gpt import GPT, build_model, config_for_depth
 
 # nanochat's chat_cli figures on a 2-core CPU, d6 (quoted in the task brief, not measured here).
 NANOCHAT_QUOTED_D6 = {"batch1_tok_s": 75.0, "batch8_tok_s": 314.0}

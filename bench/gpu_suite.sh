@@ -34,7 +34,7 @@ run() {  # run NAME TIMEOUT CMD...
 for step in $STEPS; do case $step in
 env)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
-  "$PY" -c "import torch, nanoctl.model.gpt as g; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'flash', g._FLASH and g._FLASH[0], 'flex', g.flex_available())" 2>&1 | tee -a "$OUT/summary.txt" ;;
+  "$PY" -c "import torch, nanoctl.model.attention as a; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'flash', a.flash_kernel(), 'flex', a.flex_available())" 2>&1 | tee -a "$OUT/summary.txt" ;;
 tests)
   run tests 240 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_model.py tests/test_optim.py tests/test_engine.py
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt" ;;

@@ -31,7 +31,8 @@ def build(kind: str, batch: int) -> tuple[Any, Any, Any]:
     """(model, optimizer, step function) for one contender."""
     import torch
 
-    from nanoctl.model.gpt import build_model, config_for_depth, to_hf_config
+    from nanoctl.export import to_hf_config
+    from nanoctl.model.gpt import build_model, config_for_depth
 
     cfg = config_for_depth(DEPTH, VOCAB, SEQ, arch="classic")
     g = torch.Generator().manual_seed(0)

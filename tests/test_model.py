@@ -8,18 +8,10 @@ import pytest
 import torch
 
 from nanoctl.errors import UsageError
-from nanoctl.model.gpt import (
-    GPT,
-    GPTConfig,
-    KVCache,
-    _sdpa,
-    build_model,
-    config_for_depth,
-    from_hf_state_dict,
-    to_hf_config,
-    to_hf_state_dict,
-    window_sizes,
-)
+from nanoctl.export import from_hf_state_dict, to_hf_config, to_hf_state_dict
+from nanoctl.model.attention import sdpa
+from nanoctl.model.gpt import GPT, GPTConfig, build_model, config_for_depth, window_sizes
+from nanoctl.model.kv_cache import KVCache
 
 ARCHS = ["current", "classic"]
 
@@ -261,7 +253,7 @@ def test_sliding_window_attention_matches_reference(window: int) -> None:
     torch.manual_seed(0)
     q = torch.randn(2, 4, 24, 8)
     k, v = torch.randn(2, 2, 24, 8), torch.randn(2, 2, 24, 8)
-    torch.testing.assert_close(_sdpa(q, k, v, window, 0, 0), _reference_attention(q, k, v, window))
+    torch.testing.assert_close(sdpa(q, k, v, window, 0, 0), _reference_attention(q, k, v, window))
 
 
 def test_window_limits_what_a_token_sees() -> None:
@@ -440,7 +432,7 @@ def test_cuda_bf16_kv_decode_and_compile(arch: str) -> None:
 @pytest.mark.gpu
 def test_cuda_flex_attention_matches_sdpa_windows() -> None:
     """Compiled FlexAttention (block-sparse windows) gives the loss and grads of the SDPA dense-mask path."""
-    from nanoctl.model.gpt import flex_available
+    from nanoctl.model.attention import flex_available
 
     if not flex_available():
         pytest.skip("this torch has no FlexAttention")
@@ -510,7 +502,7 @@ def test_fused_softcap_cross_entropy_matches_plain_path(
     with the native one-pass kernel and with plain torch ops."""
     import torch.nn.functional as F
 
-    from nanoctl.model.gpt import NATIVE_LOSS_ENV, native_softcap_kernel, softcap_cross_entropy
+    from nanoctl.model.kernels import NATIVE_LOSS_ENV, native_softcap_kernel, softcap_cross_entropy
 
     monkeypatch.setenv(NATIVE_LOSS_ENV, native)
     assert (native_softcap_kernel() is not None) == (native == "1")  # the built extension carries it
@@ -541,7 +533,7 @@ def test_fused_softcap_cross_entropy_bf16_inputs_match_fp32_reference() -> None:
     """bf16 activations (CPU `--dtype bfloat16`) take the copy-into-fp32 branch; results track fp32."""
     import torch.nn.functional as F
 
-    from nanoctl.model.gpt import softcap_cross_entropy
+    from nanoctl.model.kernels import softcap_cross_entropy
 
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(50, 32, generator=g).bfloat16()

@@ -341,7 +341,7 @@ fn is_fast_pattern(pattern: &str) -> bool {
 /// e = exp(softcap z); adds e's column sums to the fp32 `sums` (cols) and leaves e (1 - z^2) in the buffer.
 ///
 /// Takes raw addresses (`tensor.data_ptr()`): the caller guarantees both are live, contiguous, fp32,
-/// of the given sizes, and not aliased. `nanoctl.model.gpt` is the only caller.
+/// of the given sizes, and not aliased. `nanoctl.model.kernels` is the only caller.
 #[pyfunction]
 fn softcap_exp_grad(
     py: Python<'_>,

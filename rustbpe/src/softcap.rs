@@ -1,4 +1,4 @@
-//! One CPU kernel for the model's fused head+loss (`nanoctl.model.gpt.softcap_cross_entropy`).
+//! One CPU kernel for the model's fused head+loss (`nanoctl.model.kernels.softcap_cross_entropy`).
 //!
 //! The package has a single native extension, so the kernel lives here next to the tokenizer. PyTorch
 //! runs the loss's elementwise tail as six passes over a (vocab x rows) fp32 buffer (tanh, scale, exp,

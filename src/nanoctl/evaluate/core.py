@@ -33,7 +33,6 @@ from nanoctl.errors import NanoctlError, UsageError
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-GPT2_XL_CORE = 0.256525  # nanochat's reference CORE for GPT-2 (1.6B)
 # Padded tokens per forward: bounds activations (the head runs only at scored positions). CPUs stop
 # gaining from bigger batches sooner, and smaller ones stay in cache.
 DEFAULT_BATCH_TOKENS = 32768

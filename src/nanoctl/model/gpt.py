@@ -13,13 +13,16 @@ windows, value embeddings, scalars, smear, backout and the 1.2 QK scale; RoPE ba
 
 Module and parameter names follow nanochat so its checkpoints load as they are. Construction is meant
 to happen on the meta device (`build_model`): `__init__` allocates shapes only; `init_weights` fills them.
+
+This file holds the architecture and its config. Next to it: model/attention.py (attention backend
+selection and kernels), model/kernels.py (fused CPU eager paths: head+softcap+loss, MLP, decode head),
+model/kv_cache.py (KVCache); HF transformers conversion lives in nanoctl/export/hf.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -29,6 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanoctl.errors import UsageError
+from nanoctl.model import attention
+from nanoctl.model.kernels import DecodeHead, linear_relu_square, softcap_cross_entropy
+from nanoctl.model.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,6 @@ VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the
 SMEAR_GATE_CHANNELS = 24  # smear gate reads the first 24 channels of the normalized embedding
 QK_SCALE = 1.2  # HEAD sharpens attention by scaling q and k after QK-norm
 ROPE_BASE = {"current": 100_000.0, "classic": 10_000.0}
-ATTENTION_ENV = "NANOCTL_ATTENTION"  # auto | sdpa (no flash, no flex) | flash (require FA2/FA3)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,227 +200,6 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(dtype=x.dtype))
 
 
-def _probe_flash() -> tuple[str, Any] | None:
-    """FA3 (`flash_attn_interface`) or FA2 (`flash_attn`) when importable on a CUDA machine."""
-    if not torch.cuda.is_available():
-        return None
-    for name, mod_name in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
-        try:
-            return name, __import__(mod_name)
-        except Exception:  # missing, or built for another CUDA/torch: fall back to SDPA
-            continue
-    return None
-
-
-# Resolved once at import (as nanochat does) so forward() never touches the environment or imports while
-# torch.compile traces it. FA3 from the HF `kernels` hub is not fetched: nothing is downloaded at runtime.
-_FLASH = _probe_flash()
-_ATTN_CHOICE = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
-
-
-def flex_available() -> bool:
-    """Whether this torch has FlexAttention (block-sparse sliding windows under torch.compile on CUDA)."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-# Sliding-window block masks for FlexAttention, keyed by (seq_len, window, device). Filled by
-# GPT.prepare_flex_attention() *before* torch.compile traces forward (the lookup is then a constant), the
-# way torchtitan keeps its masks; a missing key falls back to SDPA.
-_FLEX_MASKS: dict[tuple[int, int, str], Any] = {}
-
-
-def _sliding_block_mask(seq_len: int, window: int, device: torch.device) -> Any:
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def visible(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
-
-    return create_block_mask(visible, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
-
-
-def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
-    """The kernel full-sequence attention uses: "fa3", "fa2" or "sdpa" (NANOCTL_ATTENTION=sdpa forces SDPA).
-
-    Flash kernels need CUDA and a 16-bit compute dtype; KV-cache decode always uses SDPA.
-    """
-    if _ATTN_CHOICE == "flash" and _FLASH is None:
-        raise UsageError(
-            f"{ATTENTION_ENV}=flash but neither flash_attn_interface (FA3) nor flash_attn (FA2) imports",
-            f"install flash-attn, or unset {ATTENTION_ENV}",
-        )
-    if _ATTN_CHOICE == "sdpa" or _FLASH is None:
-        return "sdpa"
-    if torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return "sdpa"
-    return _FLASH[0]
-
-
-def _sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    q_start: int,
-    k_start: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Causal (optionally windowed) attention in (B, H, T, D) layout via SDPA.
-
-    Queries sit at absolute positions q_start.., keys at k_start..; a key is visible when it is not in the
-    future and at most `window` positions back (window < 0: unlimited). An explicit mask is built only when
-    is_causal (or no mask) cannot express it.
-    """
-    Tq, Tk = q.size(2), k.size(2)
-    gqa = q.size(1) != k.size(1)
-    q_end = q_start + Tq - 1
-    windowed = 0 <= window < q_end - k_start  # some key is too far back for some query
-    if not windowed and q_start == k_start and Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
-    if not windowed and Tq == 1 and k_start + Tk - 1 <= q_start:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, scale=scale)
-    if gqa and q.is_cuda:
-        # SDPA's efficient (masked) kernel lacks GQA; expand K/V rather than fall back to the math kernel.
-        rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        gqa = False
-    rows = torch.arange(q_start, q_start + Tq, device=q.device).unsqueeze(1)
-    cols = torch.arange(k_start, k_start + Tk, device=q.device).unsqueeze(0)
-    mask = cols <= rows
-    if window >= 0:
-        mask = mask & (rows - cols <= window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
-
-
-NATIVE_LOSS_ENV = "NANOCTL_NATIVE_LOSS"  # "0": the fused CPU loss uses torch ops, not the native pass
-
-
-def native_softcap_kernel() -> Any:
-    """The native one-pass tanh/exp/sum/gradient kernel (`nanoctl._rustbpe.softcap_exp_grad`), or None."""
-    if os.environ.get(NATIVE_LOSS_ENV, "1") == "0":
-        return None
-    try:
-        from nanoctl._rustbpe import softcap_exp_grad
-    except ImportError:  # an extension built before the kernel existed
-        return None
-    return softcap_exp_grad
-
-
-class _SoftcapCrossEntropy(torch.autograd.Function):
-    """lm_head matmul + logit softcap + cross-entropy, chunked over rows, gradients made in forward.
-
-    The plain path materializes (N, vocab) fp32 logits several times over (matmul, divide, tanh, multiply,
-    log-softmax, and the same again in backward); on a CPU those passes over ~N x 32768 floats cost more
-    than the matmuls themselves. Here each chunk of rows goes matmul -> softcap -> logsumexp -> (softmax -
-    onehot) * (1 - tanh^2) -> two matmuls for the input and weight gradients while it is still in cache,
-    and backward only scales the stored gradients. Same math as F.cross_entropy(ignore_index=-1) on
-    softcap * tanh(logits / softcap); used for mean/sum losses (and "none" without grad).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        vocab_size: int,
-        softcap: float,
-        reduction: str,
-        chunk_rows: int,
-        need_grad: bool,
-    ) -> torch.Tensor:
-        w = weight[:vocab_size].to(x.dtype)
-        n = x.size(0)
-        valid = targets >= 0
-        safe_targets = targets.clamp(min=0)
-        count = valid.sum()
-        if need_grad and reduction == "none":
-            raise ValueError("per-row losses with gradients take the unfused path")
-        scale = 1.0 / count.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
-        row_weight = valid.float() * scale
-        losses = torch.empty(n, dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
-        # (vocab, rows) buffers reused by every chunk: fresh ~32 MiB outputs per chunk cost more in page
-        # faults than the elementwise work on them. (vocab, rows) is the layout in which MKL runs W @ x^T,
-        # W^T @ g and g @ x fastest at these shapes (bench/train_bench.py).
-        rows_max = min(chunk_rows, n)
-        native = native_softcap_kernel()
-        z_buf = torch.empty(vocab_size * rows_max, dtype=torch.float32, device=x.device)
-        e_buf = None if native is not None else torch.empty_like(z_buf)
-        threads = torch.get_num_threads()
-        for start in range(0, n, chunk_rows):
-            end = min(start + chunk_rows, n)
-            xs, ok, tgt = x[start:end], valid[start:end], safe_targets[start:end]
-            z = z_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
-            xs_scaled_t = (xs * (1.0 / softcap)).t()  # the 1/softcap rides on the small operand
-            if x.dtype == torch.float32:
-                torch.mm(w, xs_scaled_t, out=z)
-            else:
-                z.copy_(torch.mm(w, xs_scaled_t))
-            z_target = z.gather(0, tgt.view(1, -1)).squeeze(0).tanh()  # capped target logit / softcap
-            # |capped| <= softcap, so exp cannot overflow: no max-subtraction pass is needed
-            if native is not None:
-                # one pass: z = tanh(u), e = exp(softcap z), column sums of e, and g = e (1 - z^2) in place
-                sum_exp = torch.zeros(end - start, dtype=torch.float32, device=x.device)
-                native(z.data_ptr(), vocab_size, end - start, softcap, sum_exp.data_ptr(), threads)
-                g_full = z
-            else:
-                assert e_buf is not None
-                e = e_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
-                z.tanh_()  # capped logits^T = softcap * z
-                torch.mul(z, softcap, out=e).exp_()
-                sum_exp = e.sum(dim=0)
-                g_full = e.addcmul_(e, z.mul_(z), value=-1.0) if need_grad else e
-            losses[start:end] = torch.where(ok, sum_exp.log() - softcap * z_target, 0.0)
-            if need_grad:
-                assert grad_x is not None and grad_w is not None
-                # d = rw * (softmax - onehot) * (1 - z^2). Only g = exp * (1 - z^2) is made at full size; the
-                # per-row factor rw / sum_exp and the one-hot term go onto the small operands of the matmuls.
-                rw = row_weight[start:end]
-                per_row = (rw / sum_exp).unsqueeze(1)
-                onehot_weight = (rw * (1.0 - z_target * z_target)).unsqueeze(1)
-                g = g_full.to(x.dtype)  # exp * (1 - z^2)
-                gx = torch.mm(w.t(), g).t()
-                grad_x[start:end] = gx * per_row.to(x.dtype) - w[tgt] * onehot_weight.to(x.dtype)
-                if grad_w.dtype == g.dtype:
-                    grad_w[:vocab_size].addmm_(g, xs * per_row)
-                else:
-                    grad_w[:vocab_size].add_(g.mm(xs * per_row.to(x.dtype)).float())
-                grad_w.index_add_(0, tgt, (xs.float() * -onehot_weight))
-        ctx.save_for_backward(grad_x, grad_w)
-        if reduction == "none":
-            return losses
-        total = losses.sum()
-        return total / count.float() if reduction == "mean" else total
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out, None, None, None, None, None, None
-
-
-def softcap_cross_entropy(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    vocab_size: int,
-    softcap: float = 15.0,
-    reduction: str = "mean",
-    chunk_rows: int = 256,
-) -> torch.Tensor:
-    """cross_entropy(softcap * tanh((x @ weight[:vocab].T) / softcap), targets, ignore_index=-1), fused.
-
-    x (N, C), targets (N,). Gradients flow to x and weight; reduction mean|sum (|none without grad).
-    """
-    # (forward always runs with grad mode off, so whether gradients are wanted is decided out here)
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _SoftcapCrossEntropy.apply(x, weight, targets, vocab_size, softcap, reduction, chunk_rows, need_grad)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -457,33 +241,11 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)
 
         if kv_cache is None:
-            y = self._attend_full(q, k, v, window)
+            # FA3/FA2, FlexAttention (windowed layers, compiled) or SDPA: see model/attention.py
+            y = attention.full_attention(q, k, v, window, self.softmax_scale)
         else:
             y = self._attend_cached(q, k, v, window, kv_cache)
         return self.c_proj(y.contiguous().view(B, T, -1))
-
-    def _attend_full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-        """Training / full-recompute attention; (B, T, H, D) in and out."""
-        T = q.size(1)
-        if _FLASH is not None and q.is_cuda and attention_backend(q.device, q.dtype) != "sdpa":
-            left = window if 0 <= window < T - 1 else -1
-            out = _FLASH[1].flash_attn_func(
-                q, k, v, softmax_scale=self.softmax_scale, causal=True, window_size=(left, 0)
-            )
-            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        block_mask = _FLEX_MASKS.get((T, window, str(q.device))) if 0 <= window < T - 1 else None
-        if block_mask is not None and torch.compiler.is_compiling():
-            # SDPA can express a window only as a dense mask (no flash kernel, every block computed);
-            # FlexAttention skips the blocks outside the window. It is fast only when compiled.
-            from torch.nn.attention.flex_attention import flex_attention
-
-            y = flex_attention(
-                q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=q.size(1) != k.size(1)
-            )
-        else:
-            y = _sdpa(q, k, v, window, 0, 0, self.softmax_scale)
-        return y.transpose(1, 2)
 
     def _attend_cached(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, kv_cache: KVCache
@@ -501,34 +263,8 @@ class CausalSelfAttention(nn.Module):
         start = max(0, pos - window) if window >= 0 else 0
         keys = k_cache[:, start:end].transpose(1, 2)
         values = v_cache[:, start:end].transpose(1, 2)
-        y = _sdpa(q.transpose(1, 2), keys, values, window, pos, start, self.softmax_scale)
+        y = attention.sdpa(q.transpose(1, 2), keys, values, window, pos, start, self.softmax_scale)
         return y.transpose(1, 2)
-
-
-class _LinearReluSquare(torch.autograd.Function):
-    """relu(x @ W^T)^2 for the MLP's first half, with the elementwise work cut to the minimum.
-
-    Eager autograd runs relu, square and, backward, a product, a scale, a threshold mask and a copy, each
-    a pass over the (tokens x 4 dim) hidden tensor. Here relu is applied in place to the fresh matmul
-    output and backward is one product and one scale: d/du relu(u)^2 = 2 relu(u), which is already zero
-    where u <= 0. Used on CPU in eager mode; torch.compile fuses the plain version itself.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        w = weight.to(x.dtype)
-        h = F.linear(x, w).relu_()
-        ctx.save_for_backward(x, weight, h)
-        return h.square()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        x, weight, h = ctx.saved_tensors
-        grad_h = torch.mul(grad, h).mul_(2.0)
-        flat_grad = grad_h.reshape(-1, grad_h.size(-1))
-        grad_x = (flat_grad @ weight.to(grad_h.dtype)).view_as(x)
-        grad_w = flat_grad.t().mm(x.reshape(-1, x.size(-1))).to(weight.dtype)
-        return grad_x, grad_w
 
 
 class MLP(nn.Module):
@@ -539,7 +275,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return self.c_proj(_LinearReluSquare.apply(x, self.c_fc.weight))
+            return self.c_proj(linear_relu_square(x, self.c_fc.weight))  # fused CPU eager path
         return self.c_proj(F.relu(self.c_fc(x)).square())  # compiled (CUDA): inductor fuses this itself
 
 
@@ -559,72 +295,6 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.attn(norm(x), ve, cos_sin, window, kv_cache)
         return x + self.mlp(norm(x))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated per-layer K/V for incremental decoding: k_cache/v_cache are (L, B, T, H_kv, D).
-
-    All rows share one position (nanochat's design: rows are samples of one prompt). The model's forward
-    writes new K/V at `get_pos()` and advances after the last layer. `prev_embedding` holds the last
-    normalized token embedding for smear.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        num_kv_heads: int,
-        seq_len: int,
-        head_dim: int,
-        num_layers: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ) -> None:
-        shape = (num_layers, batch_size, seq_len, num_kv_heads, head_dim)
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.n_layers = num_layers
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
-        # FA3 layout keeps per-row lengths on the device; the Python int avoids a sync per get_pos().
-        self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self._pos = 0
-        self.prev_embedding: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        self._pos = 0
-        self.cache_seqlens.zero_()
-        self.prev_embedding = None
-
-    def get_pos(self) -> int:
-        return self._pos
-
-    def get_layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k_cache[layer_idx], self.v_cache[layer_idx]
-
-    def advance(self, num_tokens: int) -> None:
-        self._pos += num_tokens
-        self.cache_seqlens += num_tokens
-
-    def prefill(self, other: KVCache) -> None:
-        """Copy a batch-1 cache (a prompt prefill) into every row of this one."""
-        if other.batch_size != 1:
-            raise ValueError(f"prefill copies from a batch-1 cache, got batch {other.batch_size}")
-        if self.get_pos() != 0:
-            raise ValueError("prefill needs an empty cache; call reset() first")
-        n = other.get_pos()
-        if n > self.seq_len:
-            raise ValueError(f"cache of {self.seq_len} positions cannot hold a {n}-token prefill")
-        if other.k_cache.shape[0] != self.n_layers or other.k_cache.shape[3:] != self.k_cache.shape[3:]:
-            raise ValueError("prefill between caches of different layer/head shapes")
-        self.k_cache[:, :, :n] = other.k_cache[:, :, :n]
-        self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
-        if other.prev_embedding is not None:
-            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
-        self.advance(n)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -663,9 +333,8 @@ class GPT(nn.Module):
             }
         )
         self.lm_head = Linear(config.n_embd, padded_vocab, bias=False)
-        # CPU decode's transposed copy of lm_head (see _head); not a parameter, not saved
-        self._head_t: torch.Tensor | None = None
-        self._head_t_key: tuple[Any, ...] | None = None
+        # CPU decode steps' lm_head (see _head): keeps a transposed copy, not a parameter, not saved
+        self._decode_head = DecodeHead()
         kv_dim = config.n_kv_head * config.head_dim
         if current:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
@@ -763,31 +432,13 @@ class GPT(nn.Module):
         Call before compiling. Returns False (SDPA stays in use) off CUDA, with flash kernels available,
         under NANOCTL_ATTENTION=sdpa, or when this torch lacks FlexAttention.
         """
-        device = self.get_device()
-        if device.type != "cuda" or _ATTN_CHOICE == "sdpa" or not flex_available():
-            return False
-        if attention_backend(device, self.compute_dtype) != "sdpa":
-            return False  # FA2/FA3 handle windows natively
-        for window in set(self.window_sizes):
-            if 0 <= window < seq_len - 1:
-                _FLEX_MASKS[(seq_len, window, str(device))] = _sliding_block_mask(seq_len, window, device)
-        return True
+        return attention.prepare_flex_masks(self.get_device(), self.compute_dtype, self.window_sizes, seq_len)
 
     def attention_summary(self, seq_len: int, flex: bool) -> str:
         """One line for the run banner: which kernel the training forward uses for attention."""
-        backend = attention_backend(self.get_device(), self.compute_dtype)
-        windowed = any(0 <= w < seq_len - 1 for w in self.window_sizes)
-        if backend != "sdpa":
-            return f"{backend} (flash attention, native sliding windows)"
-        if not windowed:
-            return "sdpa (causal)"
-        if flex:
-            return "FlexAttention for sliding-window layers, sdpa for full layers"
-        if _ATTN_CHOICE == "sdpa":
-            return f"sdpa with a window mask ({ATTENTION_ENV}=sdpa)"
-        if self.get_device().type == "cuda":
-            return "sdpa with a dense window mask (slow: compile, or install flash-attn, for a fast kernel)"
-        return "sdpa with a window mask"
+        return attention.attention_summary(
+            self.get_device(), self.compute_dtype, self.window_sizes, seq_len, flex
+        )
 
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
@@ -830,22 +481,6 @@ class GPT(nn.Module):
         t = cfg.sequence_len
         attn = sum(12 * cfg.n_head * cfg.head_dim * (t if w < 0 else min(w, t)) for w in self.window_sizes)
         return float(6 * matmul_params + attn)
-
-    def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes one token occupies across all layers (for sizing decode batches)."""
-        cfg = self.config
-        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
-        return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * itemsize
-
-    def estimate_decode_flops(self, context_len: int) -> float:
-        """Forward FLOPs to decode one token at `context_len`: 2 per matmul weight + 4*H*hd per visible key."""
-        counts = self.num_scaling_params()
-        cfg = self.config
-        attn = sum(
-            4 * cfg.n_head * cfg.head_dim * (context_len if w < 0 else min(w + 1, context_len))
-            for w in self.window_sizes
-        )
-        return float(2 * (counts["transformer_matrices"] + counts["lm_head"]) + attn)
 
     def new_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
         cfg = self.config
@@ -956,25 +591,13 @@ class GPT(nn.Module):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """lm_head, with CPU decode steps (one position, no grad) routed to MKL's fast layouts.
 
-        A (rows x dim) @ (dim x vocab) product with few rows is a memory-bound matrix-vector product over
-        the whole head; MKL streams a row-major (vocab, dim) weight about 3x slower for one row than a
-        contiguous (dim, vocab) copy, and for several rows W @ x^T beats x @ W^T by the same margin
-        (measured in bench/engine_bench.py). Same values up to summation order.
+        Few rows make the head a memory-bound matrix-vector product, which MKL runs about 3x faster in
+        the layouts `kernels.DecodeHead` picks (a cached transposed head for one row). Same values up to
+        summation order.
         """
-        weight = self.lm_head.weight
         if x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 3 or x.size(1) != 1:
             return self.lm_head(x)
-        rows = x.size(0)
-        flat = x.reshape(rows, x.size(-1))
-        if rows == 1:
-            key = (weight._version, weight.data_ptr(), x.dtype)
-            if self._head_t_key != key:  # rebuilt after any in-place update (optimizer step, load)
-                self._head_t = weight.detach().to(x.dtype).t().contiguous()
-                self._head_t_key = key
-            out = flat @ self._head_t
-        else:
-            out = (weight.to(x.dtype) @ flat.t()).t()
-        return out.view(rows, 1, -1)
+        return self._decode_head(x, self.lm_head.weight)
 
     def _fused_loss(self, x: torch.Tensor, reduction: str) -> bool:
         """Chunked fused head+loss on CPU (eager); CUDA leaves it to torch.compile / the plain path."""
@@ -1088,86 +711,5 @@ def build_model(config: GPTConfig, device: torch.device | str, dtype: torch.dtyp
         model = GPT(config, dtype=dtype)
     model.to_empty(device=device)
     model.init_weights()
-    log.info("attention kernel: %s (compute dtype %s)", attention_backend(device, dtype), dtype)
+    log.info("attention kernel: %s (compute dtype %s)", attention.attention_backend(device, dtype), dtype)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------
-# HF transformers interop (classic arch == NanoChatForCausalLM)
-
-_HF_LAYER_KEYS = {
-    "attn.c_q.weight": "self_attn.q_proj.weight",
-    "attn.c_k.weight": "self_attn.k_proj.weight",
-    "attn.c_v.weight": "self_attn.v_proj.weight",
-    "attn.c_proj.weight": "self_attn.o_proj.weight",
-    "mlp.c_fc.weight": "mlp.fc1.weight",
-    "mlp.c_proj.weight": "mlp.fc2.weight",
-}
-
-
-def _require_classic(config: GPTConfig) -> None:
-    if config.arch != "classic":
-        raise UsageError(
-            "only the classic arch maps onto HF transformers NanoChat",
-            "HF NanoChat has no sliding windows, value embeddings, scalars, smear or backout; "
-            "train with --arch classic to export",
-        )
-    if config.vocab_size % 64:
-        raise UsageError(f"vocab_size {config.vocab_size} is not a multiple of 64: HF needs unpadded tables")
-
-
-def to_hf_config(
-    config: GPTConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
-) -> dict[str, Any]:
-    """`config.json` fields for transformers' NanoChatConfig (intermediate_size set explicitly)."""
-    _require_classic(config)
-    out: dict[str, Any] = {
-        "architectures": ["NanoChatForCausalLM"],
-        "model_type": "nanochat",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": 4 * config.n_embd,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "max_position_embeddings": config.sequence_len,
-        "hidden_act": "relu2",
-        "final_logit_softcapping": SOFTCAP,
-        "rope_parameters": {"rope_theta": ROPE_BASE["classic"], "rope_type": "default"},
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
-    }
-    if bos_token_id is not None:
-        out["bos_token_id"] = bos_token_id
-    if eos_token_id is not None:
-        out["eos_token_id"] = eos_token_id
-        out["pad_token_id"] = eos_token_id
-    return out
-
-
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """nanochat keys -> HF NanoChat keys (no transposes; strips torch.compile's `_orig_mod.`)."""
-    _require_classic(config)
-    sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    out = {
-        "model.embed_tokens.weight": sd["transformer.wte.weight"],
-        "lm_head.weight": sd["lm_head.weight"],
-    }
-    for i in range(config.n_layer):
-        for ours, theirs in _HF_LAYER_KEYS.items():
-            out[f"model.layers.{i}.{theirs}"] = sd[f"transformer.h.{i}.{ours}"]
-    return out
-
-
-def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """HF NanoChat keys -> nanochat keys (the inverse of to_hf_state_dict)."""
-    _require_classic(config)
-    out = {
-        "transformer.wte.weight": state_dict["model.embed_tokens.weight"],
-        "lm_head.weight": state_dict["lm_head.weight"],
-    }
-    for i in range(config.n_layer):
-        for ours, theirs in _HF_LAYER_KEYS.items():
-            out[f"transformer.h.{i}.{ours}"] = state_dict[f"model.layers.{i}.{theirs}"]
-    return out

@@ -1,0 +1,204 @@
+"""Fused CPU kernels: eager-mode fast paths with the same math as the plain ops (tested against them).
+
+- `softcap_cross_entropy`: lm_head matmul + logit softcap + cross-entropy in row chunks, gradients made in
+  forward; its tanh/exp/sum/gradient tail is one native pass (`native_softcap_kernel`) when available.
+- `linear_relu_square`: the MLP's relu(x @ W^T)^2 with the minimum of elementwise passes.
+- `DecodeHead`: lm_head for CPU decode steps in MKL's fast layouts (a cached transposed head for one row).
+
+CUDA keeps the plain ops, which torch.compile fuses; the model (model/gpt.py) decides when these apply.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NATIVE_LOSS_ENV = "NANOCTL_NATIVE_LOSS"  # "0": the fused CPU loss uses torch ops, not the native pass
+
+
+def native_softcap_kernel() -> Any:
+    """The native one-pass tanh/exp/sum/gradient kernel (`nanoctl._rustbpe.softcap_exp_grad`), or None."""
+    if os.environ.get(NATIVE_LOSS_ENV, "1") == "0":
+        return None
+    try:
+        from nanoctl._rustbpe import softcap_exp_grad
+    except ImportError:  # an extension built before the kernel existed
+        return None
+    return softcap_exp_grad
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    """lm_head matmul + logit softcap + cross-entropy, chunked over rows, gradients made in forward.
+
+    The plain path materializes (N, vocab) fp32 logits several times over (matmul, divide, tanh, multiply,
+    log-softmax, and the same again in backward); on a CPU those passes over ~N x 32768 floats cost more
+    than the matmuls themselves. Here each chunk of rows goes matmul -> softcap -> logsumexp -> (softmax -
+    onehot) * (1 - tanh^2) -> two matmuls for the input and weight gradients while it is still in cache,
+    and backward only scales the stored gradients. Same math as F.cross_entropy(ignore_index=-1) on
+    softcap * tanh(logits / softcap); used for mean/sum losses (and "none" without grad).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        vocab_size: int,
+        softcap: float,
+        reduction: str,
+        chunk_rows: int,
+        need_grad: bool,
+    ) -> torch.Tensor:
+        w = weight[:vocab_size].to(x.dtype)
+        n = x.size(0)
+        valid = targets >= 0
+        safe_targets = targets.clamp(min=0)
+        count = valid.sum()
+        if need_grad and reduction == "none":
+            raise ValueError("per-row losses with gradients take the unfused path")
+        scale = 1.0 / count.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=x.device)
+        row_weight = valid.float() * scale
+        losses = torch.empty(n, dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_grad else None
+        # (vocab, rows) buffers reused by every chunk: fresh ~32 MiB outputs per chunk cost more in page
+        # faults than the elementwise work on them. (vocab, rows) is the layout in which MKL runs W @ x^T,
+        # W^T @ g and g @ x fastest at these shapes (bench/train_bench.py).
+        rows_max = min(chunk_rows, n)
+        native = native_softcap_kernel()
+        z_buf = torch.empty(vocab_size * rows_max, dtype=torch.float32, device=x.device)
+        e_buf = None if native is not None else torch.empty_like(z_buf)
+        threads = torch.get_num_threads()
+        for start in range(0, n, chunk_rows):
+            end = min(start + chunk_rows, n)
+            xs, ok, tgt = x[start:end], valid[start:end], safe_targets[start:end]
+            z = z_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
+            xs_scaled_t = (xs * (1.0 / softcap)).t()  # the 1/softcap rides on the small operand
+            if x.dtype == torch.float32:
+                torch.mm(w, xs_scaled_t, out=z)
+            else:
+                z.copy_(torch.mm(w, xs_scaled_t))
+            z_target = z.gather(0, tgt.view(1, -1)).squeeze(0).tanh()  # capped target logit / softcap
+            # |capped| <= softcap, so exp cannot overflow: no max-subtraction pass is needed
+            if native is not None:
+                # one pass: z = tanh(u), e = exp(softcap z), column sums of e, and g = e (1 - z^2) in place
+                sum_exp = torch.zeros(end - start, dtype=torch.float32, device=x.device)
+                native(z.data_ptr(), vocab_size, end - start, softcap, sum_exp.data_ptr(), threads)
+                g_full = z
+            else:
+                assert e_buf is not None
+                e = e_buf[: vocab_size * (end - start)].view(vocab_size, end - start)
+                z.tanh_()  # capped logits^T = softcap * z
+                torch.mul(z, softcap, out=e).exp_()
+                sum_exp = e.sum(dim=0)
+                g_full = e.addcmul_(e, z.mul_(z), value=-1.0) if need_grad else e
+            losses[start:end] = torch.where(ok, sum_exp.log() - softcap * z_target, 0.0)
+            if need_grad:
+                assert grad_x is not None and grad_w is not None
+                # d = rw * (softmax - onehot) * (1 - z^2). Only g = exp * (1 - z^2) is made at full size; the
+                # per-row factor rw / sum_exp and the one-hot term go onto the small operands of the matmuls.
+                rw = row_weight[start:end]
+                per_row = (rw / sum_exp).unsqueeze(1)
+                onehot_weight = (rw * (1.0 - z_target * z_target)).unsqueeze(1)
+                g = g_full.to(x.dtype)  # exp * (1 - z^2)
+                gx = torch.mm(w.t(), g).t()
+                grad_x[start:end] = gx * per_row.to(x.dtype) - w[tgt] * onehot_weight.to(x.dtype)
+                if grad_w.dtype == g.dtype:
+                    grad_w[:vocab_size].addmm_(g, xs * per_row)
+                else:
+                    grad_w[:vocab_size].add_(g.mm(xs * per_row.to(x.dtype)).float())
+                grad_w.index_add_(0, tgt, (xs.float() * -onehot_weight))
+        ctx.save_for_backward(grad_x, grad_w)
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total / count.float() if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out, None, None, None, None, None, None
+
+
+def softcap_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    softcap: float = 15.0,
+    reduction: str = "mean",
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """cross_entropy(softcap * tanh((x @ weight[:vocab].T) / softcap), targets, ignore_index=-1), fused.
+
+    x (N, C), targets (N,). Gradients flow to x and weight; reduction mean|sum (|none without grad).
+    """
+    # (forward always runs with grad mode off, so whether gradients are wanted is decided out here)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _SoftcapCrossEntropy.apply(
+        x, weight, targets, vocab_size, softcap, reduction, chunk_rows, need_grad
+    )
+
+
+class _LinearReluSquare(torch.autograd.Function):
+    """relu(x @ W^T)^2 for the MLP's first half, with the elementwise work cut to the minimum.
+
+    Eager autograd runs relu, square and, backward, a product, a scale, a threshold mask and a copy, each
+    a pass over the (tokens x 4 dim) hidden tensor. Here relu is applied in place to the fresh matmul
+    output and backward is one product and one scale: d/du relu(u)^2 = 2 relu(u), which is already zero
+    where u <= 0. Used on CPU in eager mode; torch.compile fuses the plain version itself.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w = weight.to(x.dtype)
+        h = F.linear(x, w).relu_()
+        ctx.save_for_backward(x, weight, h)
+        return h.square()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x, weight, h = ctx.saved_tensors
+        grad_h = torch.mul(grad, h).mul_(2.0)
+        flat_grad = grad_h.reshape(-1, grad_h.size(-1))
+        grad_x = (flat_grad @ weight.to(grad_h.dtype)).view_as(x)
+        grad_w = flat_grad.t().mm(x.reshape(-1, x.size(-1))).to(weight.dtype)
+        return grad_x, grad_w
+
+
+def linear_relu_square(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """relu(x @ weight^T)^2 with gradients to x and weight (the fused `_LinearReluSquare`)."""
+    return _LinearReluSquare.apply(x, weight)
+
+
+class DecodeHead:
+    """lm_head for CPU decode steps (one position per row, no grad) in MKL's fast layouts.
+
+    A (rows x dim) @ (dim x vocab) product with few rows is a memory-bound matrix-vector product over
+    the whole head; MKL streams a row-major (vocab, dim) weight about 3x slower for one row than a
+    contiguous (dim, vocab) copy, and for several rows W @ x^T beats x @ W^T by the same margin
+    (measured in bench/engine_bench.py). Same values up to summation order. Holds the transposed copy
+    for one row: not a parameter, not saved, rebuilt after any in-place update (optimizer step, load).
+    """
+
+    def __init__(self) -> None:
+        self._weight_t: torch.Tensor | None = None
+        self._key: tuple[Any, ...] | None = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (rows, 1, dim) -> logits (rows, 1, padded vocab)."""
+        rows = x.size(0)
+        flat = x.reshape(rows, x.size(-1))
+        if rows == 1:
+            key = (weight._version, weight.data_ptr(), x.dtype)
+            if self._key != key:
+                self._weight_t = weight.detach().to(x.dtype).t().contiguous()
+                self._key = key
+            out = flat @ self._weight_t
+        else:
+            out = (weight.to(x.dtype) @ flat.t()).t()
+        return out.view(rows, 1, -1)
