@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from nanoctl.engine import Engine
+from nanoctl.engine import Engine, SamplingParams
 from nanoctl.export import to_hf_config, to_hf_state_dict
 from nanoctl.model.gpt import GPT, build_model, config_for_depth
 
@@ -100,7 +100,7 @@ def check_equivalence(model: GPT, hf: Any, prompt: list[int]) -> dict[str, Any]:
     ids = torch.tensor([prompt], device=model.get_device())
     max_diff = (model(ids) - hf(ids).logits).abs().max().item()
     engine = Engine(model, BenchTokenizer(model.config.vocab_size))
-    ours = engine.generate_batch(prompt, max_tokens=16, temperature=0.0)[0][0][len(prompt) :]
+    ours = engine.generate_batch(prompt, SamplingParams(temperature=0.0, max_tokens=16))[0][0][len(prompt) :]
     theirs = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[
         0, len(prompt) :
     ].tolist()
@@ -118,9 +118,8 @@ def time_ours(engine: Engine, prompt: list[int], rows: int, new_tokens: int) -> 
     t0 = time.perf_counter()
     first = 0.0
     n = 0
-    for _ in engine.generate(
-        prompt, num_samples=rows, max_tokens=new_tokens, temperature=0.6, top_k=50, seed=n
-    ):
+    # SamplingParams' defaults are nanochat's chat ones (T 0.6, top-k 50); HF samples with the same.
+    for _ in engine.generate(prompt, SamplingParams(max_tokens=new_tokens, seed=0), num_samples=rows):
         n += 1
         if n == 1:
             first = time.perf_counter()
@@ -132,7 +131,8 @@ def time_ours(engine: Engine, prompt: list[int], rows: int, new_tokens: int) -> 
 @torch.inference_mode()
 def time_hf(hf: Any, prompt: list[int], rows: int, new_tokens: int) -> tuple[float, float]:
     ids = torch.tensor([prompt] * rows, device=hf.device)
-    kwargs = dict(do_sample=True, temperature=0.6, top_k=50)
+    chat = SamplingParams()
+    kwargs = dict(do_sample=True, temperature=chat.temperature, top_k=chat.top_k)
     _sync()
     t0 = time.perf_counter()
     hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)

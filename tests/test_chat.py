@@ -3,6 +3,7 @@ error messages, and the Textual UI driven with Pilot, all against a tiny trained
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -15,7 +16,6 @@ import nanoctl.cli.chat as cli_chat
 from nanoctl.chat import (
     ChatOptions,
     ChatSession,
-    SamplingSettings,
     StreamDecoder,
     collect,
     load_chat_model,
@@ -23,6 +23,7 @@ from nanoctl.chat import (
     run_once,
 )
 from nanoctl.cli import app
+from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError, UsageError
 from tiny_chat import (
     CONVERSATIONS,
@@ -35,7 +36,7 @@ from tiny_chat import (
 )
 
 runner = CliRunner()
-GREEDY = SamplingSettings(temperature=0.0, max_tokens=40)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +93,7 @@ def test_tool_reply_streams_readable_text(loaded) -> None:
 
 
 def test_context_overflow_drops_oldest_turns_with_notice(loaded) -> None:
-    settings = SamplingSettings(temperature=0.0, max_tokens=16)
+    settings = SamplingParams(temperature=0.0, max_tokens=16)
     session = ChatSession(loaded, settings)
     ctx = loaded.context_len
     budget = ctx - session.reserve()
@@ -107,7 +108,7 @@ def test_context_overflow_drops_oldest_turns_with_notice(loaded) -> None:
 
 
 def test_context_notice_and_huge_message(loaded) -> None:
-    session = ChatSession(loaded, SamplingSettings(temperature=0.0, max_tokens=16))
+    session = ChatSession(loaded, SamplingParams(temperature=0.0, max_tokens=16))
     collect(session.send("hi"))
     collect(session.send("x" * 90))
     collect(session.send("y" * 60))
@@ -140,13 +141,15 @@ def test_regenerate_and_edit(loaded) -> None:
 
 
 def test_slash_commands(loaded) -> None:
-    session = ChatSession(loaded, SamplingSettings())
+    session = ChatSession(loaded)
+    assert session.settings == SamplingParams()  # the one set of defaults
     run_command(session, "/temp 0.2")
     run_command(session, "/topk 0")
-    run_command(session, "/topp 1")
+    assert run_command(session, "/topp 1").message == "top p set to off"
     run_command(session, "/max 7")
     run_command(session, "/system talk like a pirate")
     s = session.settings
+    assert isinstance(s, SamplingParams)
     assert (s.temperature, s.top_k, s.top_p, s.max_tokens) == (0.2, 0, None, 7)
     assert session.system == "talk like a pirate"
     assert run_command(session, "/new").action == "new"
@@ -154,7 +157,31 @@ def test_slash_commands(loaded) -> None:
     for bad in ("/temp abc", "/temp -1", "/topp 2", "/max 0", "/bogus"):
         with pytest.raises(UsageError):
             run_command(session, bad)
-    assert s.temperature == 0.2  # a rejected value leaves the old one
+    assert session.settings == s  # a rejected value leaves the old settings
+
+
+def test_session_hands_its_sampling_params_to_the_engine(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chat passes its SamplingParams through; per reply only the seed (+ reply index) and the budget
+    (what still fits the context) change."""
+    seen: list[SamplingParams] = []
+    real = loaded.engine.generate
+
+    def spy(tokens, params=None, **kwargs):
+        seen.append(params)
+        return real(tokens, params, **kwargs)
+
+    monkeypatch.setattr(loaded.engine, "generate", spy)
+    settings = SamplingParams(
+        temperature=0.0, top_k=7, top_p=0.9, repetition_penalty=1.1, max_tokens=20, seed=5
+    )
+    session = ChatSession(loaded, settings)
+    collect(session.send("hi"))
+    collect(session.regenerate())
+    assert seen == [settings, dataclasses.replace(settings, seed=6)]
+    long = ChatSession(loaded, SamplingParams(temperature=0.0, max_tokens=None))  # None: up to the context
+    assert long.reserve() == loaded.context_len // 2
+    collect(long.send("hi"))
+    assert seen[-1].max_tokens == loaded.engine.max_new_tokens(long.last_stats.prompt_tokens)
 
 
 def test_cancel_keeps_partial_reply(loaded) -> None:
@@ -173,7 +200,7 @@ def test_base_model_runs_in_completion_mode(home: Path) -> None:
     loaded = load_chat_model(ChatOptions(device="cpu", home=home))
     assert loaded.completion_mode
     text = "the quick brown"
-    result = run_once(loaded, text, SamplingSettings(temperature=0.0, max_tokens=10))
+    result = run_once(loaded, text, SamplingParams(temperature=0.0, max_tokens=10))
     assert result.mode == "completion" and result.stats.completion_tokens > 0
     # no chat template: BOS + the text, nothing else
     assert result.stats.prompt_tokens == 1 + len(loaded.tokenizer.encode(text))
@@ -196,7 +223,26 @@ def test_cli_json(chat_home: Path) -> None:
     assert data["model"] == "sft/d2@100" and data["mode"] == "chat" and data["finish_reason"] == "stop"
     assert data["completion_tokens"] > 5 and data["prompt_tokens"] > 5
     assert data["elapsed_s"] >= data["ttft_s"] > 0 and data["tokens_per_s"] > 0
-    assert data["sampling"]["temperature"] == 0.0
+    assert data["sampling"] == dataclasses.asdict(SamplingParams(temperature=0.0))
+
+
+def test_cli_chat_defaults_are_sampling_params_defaults() -> None:
+    """The chat options' defaults are SamplingParams' field defaults (no hand-copied numbers)."""
+    import typer
+
+    command = typer.main.get_command(app).commands["chat"]  # type: ignore[attr-defined]
+    options = {p.name: p for p in command.params}
+    fields = [f.name for f in dataclasses.fields(SamplingParams)]
+    assert set(fields) <= set(options)
+    want = SamplingParams()
+    for name in fields:
+        default = options[name].default
+        if name == "top_p":
+            assert default == 1.0 and want.top_p is None  # off: 1 on the command line, None in the params
+        else:
+            assert default == getattr(want, name), name
+        assert str(default) not in (options[name].help or ""), name  # Typer shows the default itself
+    assert SamplingParams(**{name: options[name].default for name in fields}) == want
 
 
 def test_cli_reads_stdin_when_piped(chat_home: Path) -> None:
@@ -285,7 +331,7 @@ async def _send(pilot, text: str) -> None:
 async def test_tui_send_streams_reply_new_chat_clears(loaded) -> None:
     from nanoctl.tui.app import ChatApp
 
-    app_ = ChatApp(loaded, SamplingSettings(temperature=0.0, max_tokens=40))
+    app_ = ChatApp(loaded, SamplingParams(temperature=0.0, max_tokens=40))
     async with app_.run_test(size=(80, 24)) as pilot:
         await _send(pilot, "hi")
         assert _texts(app_, "user") == ["hi"]
@@ -309,7 +355,7 @@ async def test_tui_send_streams_reply_new_chat_clears(loaded) -> None:
 async def test_tui_newline_keys_and_slash_commands(loaded) -> None:
     from nanoctl.tui.app import ChatApp, Notice
 
-    app_ = ChatApp(loaded, SamplingSettings(temperature=0.0, max_tokens=40))
+    app_ = ChatApp(loaded, SamplingParams(temperature=0.0, max_tokens=40))
     async with app_.run_test(size=(80, 24)) as pilot:
         await pilot.press("a", "ctrl+j", "b", "shift+enter", "c")
         assert app_.prompt_input.text == "a\nb\nc"
@@ -326,7 +372,7 @@ async def test_tui_newline_keys_and_slash_commands(loaded) -> None:
 async def test_tui_edit_last_message(loaded) -> None:
     from nanoctl.tui.app import ChatApp
 
-    app_ = ChatApp(loaded, SamplingSettings(temperature=0.0, max_tokens=40))
+    app_ = ChatApp(loaded, SamplingParams(temperature=0.0, max_tokens=40))
     async with app_.run_test(size=(80, 24)) as pilot:
         await _send(pilot, "hi")
         await pilot.press("ctrl+t")
@@ -344,7 +390,7 @@ async def test_tui_escape_stops_generation(home: Path) -> None:
     model = random_model(tiny_config(sequence_len=1024, n_embd=128), seed=1, scale=0.1)
     save_model(home, model, stage="base", tag="d2")
     loaded = load_chat_model(ChatOptions(device="cpu", home=home))
-    app_ = ChatApp(loaded, SamplingSettings(temperature=0.0, max_tokens=1000))
+    app_ = ChatApp(loaded, SamplingParams(temperature=0.0, max_tokens=1000))
     # Pace the real model's stream (10 ms a token, like a bigger model) so the UI goes idle between
     # pushes: otherwise a fast tiny model can finish before the test gets to press Esc.
     send = app_.session.send
@@ -377,7 +423,7 @@ async def test_tui_escape_stops_generation(home: Path) -> None:
 async def test_tui_follows_bottom_unless_scrolled_up(loaded) -> None:
     from nanoctl.tui.app import ChatApp
 
-    app_ = ChatApp(loaded, SamplingSettings(temperature=0.0, max_tokens=40))
+    app_ = ChatApp(loaded, SamplingParams(temperature=0.0, max_tokens=40))
     async with app_.run_test(size=(80, 24)) as pilot:
         view = app_.chat_view
         for i in range(30):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from eval_helpers import make_bundle, one_thread, populate_home, tiny_model, tiny_tokenizer
 from nanoctl.cli.main import app
+from nanoctl.engine import SamplingParams
 from nanoctl.errors import UsageError
 from nanoctl.evaluate import chat as CH
 from nanoctl.evaluate.bpb import bpb_sums, evaluate_bpb
@@ -129,22 +130,31 @@ def test_categorical_batched_equals_one_by_one_full_logits() -> None:
         expected += pred == conv["messages"][-1]["content"]
     for bs in (1, 3, 8):
         seen: list[tuple[int, int]] = []
-        correct, total = CH.run_categorical(
-            model, tok, task, bs, progress=lambda d, n, a, seen=seen: seen.append((d, n))
+        acc = CH.categorical_accuracy(
+            model,
+            tok,
+            task,
+            max_problems=None,
+            batch_size=bs,
+            device="cpu",
+            progress=lambda d, n, a, seen=seen: seen.append((d, n)),
         )
-        assert (correct, total) == (expected, 7)
+        assert acc == expected / 7
         assert seen[-1] == (7, 7)
-    assert CH.run_categorical(model, tok, task, 4, max_problems=2)[1] == 2
+    seen = []
+    tick = lambda d, n, a: seen.append((d, n))
+    CH.categorical_accuracy(model, tok, task, max_problems=2, batch_size=4, device="cpu", progress=tick)
+    assert seen == [(2, 2)]
 
 
 def test_generative_pass_at_k() -> None:
     tok = tiny_tokenizer()
     model = tiny_model(seed=6, sequence_len=64)
-    solved, total, passk = CH.run_generative(
-        model, tok, EchoTask(3, True), num_samples=2, max_new_tokens=4, temperature=1.0, top_k=5
-    )
+    sampled = SamplingParams(temperature=1.0, top_k=5, max_tokens=4)
+    solved, total, passk = CH.run_generative(model, tok, EchoTask(3, True), sampled, num_samples=2)
     assert (solved, total, passk) == (3, 3, [1.0, 1.0])
-    solved, total, passk = CH.run_generative(model, tok, EchoTask(2, False), max_new_tokens=3, max_problems=1)
+    greedy = SamplingParams(temperature=0.0, max_tokens=3)
+    solved, total, passk = CH.run_generative(model, tok, EchoTask(2, False), greedy, max_problems=1)
     assert (solved, total, passk) == (0, 1, [0.0])
 
 

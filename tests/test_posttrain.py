@@ -330,7 +330,7 @@ def test_sft_resume_after_stop(post_home: Path, tmp_path: Path) -> None:
 def test_sft_learns_identity_answer(post_home: Path, tmp_path: Path) -> None:
     """SFT on a toy identity task drives the loss down and the model then answers it (greedy)."""
     from nanoctl.checkpoint import load_model
-    from nanoctl.engine import Engine
+    from nanoctl.engine import Engine, SamplingParams
     from nanoctl.train.sft import SFTOptions, sft
 
     data = tmp_path / "identity.jsonl"
@@ -371,7 +371,7 @@ def test_sft_learns_identity_answer(post_home: Path, tmp_path: Path) -> None:
             ]
         }
     )
-    seqs, _ = Engine(model, tok).generate_batch(prompt, num_samples=1, max_tokens=32, temperature=0.0)
+    seqs, _ = Engine(model, tok).generate_batch(prompt, SamplingParams(temperature=0.0, max_tokens=32))
     assert "Zorblax" in tok.decode(seqs[0][len(prompt) :]), result
 
 

@@ -16,9 +16,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from nanoctl.engine import SamplingParams
 from nanoctl.errors import UsageError
 
 if TYPE_CHECKING:
@@ -28,27 +29,7 @@ if TYPE_CHECKING:
     from nanoctl.tokenizer import Tokenizer
 
 CHAT_STAGES = ("base", "mid", "sft", "rl")
-DEFAULT_MAX_TOKENS = 512
 MIN_TERMINAL = (40, 12)  # columns, rows the chat UI needs (it is laid out for 80x24)
-
-
-@dataclass
-class SamplingSettings:
-    """What the user can change while chatting (/temp, /topk, /topp, /max, /seed, /rep)."""
-
-    temperature: float = 0.6  # nanochat's chat_cli default
-    top_k: int | None = 50  # nanochat's chat_cli default; 0/None = full vocabulary
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    seed: int = 42
-
-    def validate(self) -> None:
-        from nanoctl.engine import SamplingParams
-
-        SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
-        if self.max_tokens < 1:
-            raise UsageError(f"max tokens {self.max_tokens} must be >= 1")
 
 
 @dataclass
@@ -61,7 +42,7 @@ class ChatOptions:
     checkpoint: str | None = None  # a checkpoint directory or model_*.pt file (overrides stage/tag/step)
     device: str = "auto"
     dtype: str | None = None
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # /temp, /topk, ... replace it
     system: str | None = None
     home: str | os.PathLike[str] | None = None
 
@@ -72,7 +53,6 @@ class ChatOptions:
             )
         if self.step is not None and self.step < 0:
             raise UsageError(f"--step {self.step} must be >= 0")
-        self.sampling.validate()
 
 
 @dataclass
@@ -211,10 +191,10 @@ class ChatSession:
     """
 
     def __init__(
-        self, loaded: LoadedModel, settings: SamplingSettings | None = None, system: str | None = None
+        self, loaded: LoadedModel, settings: SamplingParams | None = None, system: str | None = None
     ):
         self.loaded = loaded
-        self.settings = settings or SamplingSettings()
+        self.settings = settings if settings is not None else SamplingParams()
         self.system = system
         self.messages: list[Message] = []
         self.context_start = 0  # messages before this index no longer fit and are not sent
@@ -247,9 +227,14 @@ class ChatSession:
             return len(self.messages[-1].tokens) + 1
         return len(self._render(self.messages[self.context_start :], open_reply=False))
 
+    def reply_limit(self) -> int:
+        """Most tokens per reply: settings.max_tokens, or the context when that is None."""
+        m = self.settings.max_tokens
+        return self.loaded.context_len if m is None else m
+
     def reserve(self) -> int:
         """Room kept free for the reply when fitting the prompt."""
-        return max(1, min(self.settings.max_tokens, self.loaded.context_len // 2))
+        return max(1, min(self.reply_limit(), self.loaded.context_len // 2))
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -342,7 +327,7 @@ class ChatSession:
     def _reply(self, cancel: threading.Event | None) -> Iterator[str]:
         s = self.settings
         prompt = self.build_prompt()
-        seed = s.seed + self.generations
+        seed = s.seed + self.generations  # each reply (and regeneration) draws a different sample
         self.generations += 1
         stats = GenerationStats(prompt_tokens=len(prompt.ids), dropped_messages=prompt.dropped_messages)
         self.last_stats = stats
@@ -351,18 +336,10 @@ class ChatSession:
         tokens: list[int] = []
         text_parts: list[str] = []
         t0 = time.perf_counter()
-        max_new = min(s.max_tokens, engine.max_new_tokens(len(prompt.ids)))
-        stream = engine.generate(
-            prompt.ids,
-            num_samples=1,
-            max_tokens=max_new,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            repetition_penalty=s.repetition_penalty,
-            seed=seed,
-        )
-        stats.finish_reason = "length" if max_new >= s.max_tokens else "context"
+        limit = self.reply_limit()
+        max_new = min(limit, engine.max_new_tokens(len(prompt.ids)))
+        stream = engine.generate(prompt.ids, replace(s, max_tokens=max_new, seed=seed))
+        stats.finish_reason = "length" if max_new >= limit else "context"
         try:
             for column, _ in stream:
                 token = column[0]
@@ -436,7 +413,7 @@ def describe_settings(session: ChatSession) -> str:
         f"temperature {s.temperature:g}",
         f"top-k {s.top_k or 'off'}",
         f"top-p {s.top_p if s.top_p is not None else 'off'}",
-        f"max tokens {s.max_tokens}",
+        f"max tokens {s.max_tokens if s.max_tokens is not None else 'up to the context'}",
         f"repetition penalty {s.repetition_penalty:g}",
         f"seed {s.seed}",
         f"system {session.system!r}" if session.system else "no system prompt",
@@ -470,17 +447,10 @@ def run_command(session: ChatSession, line: str) -> CommandResult:
         if not arg:
             return CommandResult(f"{attr.replace('_', ' ')} is {getattr(s, attr)}")
         value = _number(arg, kind, name)
-        if attr == "top_p" and value == 1.0:
-            value = None
-        old = getattr(s, attr)
-        setattr(s, attr, value)
-        try:
-            s.validate()
-        except UsageError:
-            setattr(s, attr, old)
-            raise
+        session.settings = replace(s, **{attr: value})  # validates; a rejected value keeps the old
         if attr == "seed":
             session.generations = 0
+        value = getattr(session.settings, attr)
         return CommandResult(f"{attr.replace('_', ' ')} set to {value if value is not None else 'off'}")
     if name == "/system":
         session.system = arg or None
@@ -533,7 +503,7 @@ class OneShotResult:
 def run_once(
     loaded: LoadedModel,
     prompt: str,
-    settings: SamplingSettings | None = None,
+    settings: SamplingParams | None = None,
     system: str | None = None,
     on_delta: Callable[[str], None] | None = None,
 ) -> OneShotResult:

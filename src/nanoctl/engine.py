@@ -11,36 +11,49 @@ Beyond nanochat:
 - generation never runs past the model's context: it stops when the preallocated cache is full;
 - the calculator is the thread-safe AST evaluator in tools/calculator.py; its errors are forced back
   as `<|output_start|>error: ...<|output_end|>` so the model sees them.
+
+How to sample is one `SamplingParams` (temperature, top-k, top-p, repetition penalty, max new tokens,
+seed) with one set of defaults, nanochat's chat ones; the chat CLI, the TUI, the evals and the benches
+all pass it through. torch is imported lazily so the CLI can read those defaults without loading it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
 from nanoctl.errors import UsageError
 from nanoctl.tools.calculator import use_calculator
 
 if TYPE_CHECKING:
+    import torch
+
     from nanoctl.model.gpt import GPT
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
-    """Validated sampling knobs (shared by the engine, chat and serve)."""
+    """How to sample, validated; the one set of defaults (nanochat's chat: T 0.6, top-k 50, 512 tokens).
 
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_k: int | None = None  # None or 0 = the full vocabulary
-    top_p: float | None = None  # None or 1.0 = no nucleus filtering
+    Used from `nanoctl chat` (CLI, TUI, --plain) through chat.py to `Engine.generate`, and by every other
+    engine caller; greedy is `SamplingParams(temperature=0.0)`. Frozen: change a field with
+    `dataclasses.replace` (which validates again).
+    """
+
+    temperature: float = 0.6  # 0 = greedy (argmax)
+    top_k: int | None = 50  # None or 0 = the full vocabulary
+    top_p: float | None = None  # None or 1.0 = no nucleus filtering (1.0 is stored as None)
     repetition_penalty: float = 1.0  # 1.0 = off; > 1 discourages tokens already in the row
+    max_tokens: int | None = 512  # most new tokens per row; None = until the context is full
+    seed: int = 42  # row i of a batch samples from its own generator seeded seed + i
 
     def __post_init__(self) -> None:
+        if self.top_p == 1.0:
+            object.__setattr__(self, "top_p", None)
         if not self.temperature >= 0.0:
             raise UsageError(f"temperature {self.temperature} must be >= 0", "0 means greedy decoding")
         if self.top_k is not None and self.top_k < 0:
@@ -49,6 +62,8 @@ class SamplingParams:
             raise UsageError(f"top-p {self.top_p} must be in (0, 1]", "1 means no nucleus filtering")
         if not self.repetition_penalty > 0.0:
             raise UsageError(f"repetition penalty {self.repetition_penalty} must be > 0", "1 means off")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UsageError(f"max tokens {self.max_tokens} must be >= 1")
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +83,8 @@ def sample_next_token(
     a monotonic map (the model's softcap) still to be applied: argmax and top-k are taken before it, so
     only the kept values are transformed.
     """
+    import torch
+
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     assert generators is not None and len(generators) == logits.size(0)
@@ -82,7 +99,7 @@ def sample_next_token(
     if transform is not None:
         logits = transform(logits.clone() if idx is None else logits)
     # Temperature after top-k/sort: same ranking, and k values to scale instead of the whole vocab.
-    probs = F.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
     if nucleus:
         # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
         cum = probs.cumsum(dim=-1)
@@ -97,6 +114,8 @@ def sample_next_token(
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty on tokens already in each row (`seen` is a (B, V) bool mask)."""
+    import torch
+
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
@@ -169,30 +188,33 @@ class Engine:
         result = use_calculator(expr)
         return [self.output_start, *self.tokenizer.encode(result), self.output_end]
 
-    @torch.inference_mode()
     def generate(
         self,
         tokens: list[int],
+        params: SamplingParams | None = None,
+        *,
         num_samples: int = 1,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int = 42,
+        **overrides: Any,
     ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield `(token_column, token_masks)` per step: one token per row, mask 1 sampled / 0 forced.
 
-        Stops when every row has emitted a stop token, after `max_tokens` columns, or when the context
-        is full. Rows that finished keep receiving (meaningless) tokens until all are done, as nanochat.
+        `params` defaults to `SamplingParams()`. Stops when every row has emitted a stop token, after
+        `params.max_tokens` columns, or when the context is full. Rows that finished keep receiving
+        (meaningless) tokens until all are done, as nanochat. The prompt and params are checked here,
+        before the first column is asked for.
+
+        `overrides` (SamplingParams field names: `max_tokens=`, `temperature=`, ...) replace fields of
+        `params`; transitional, for callers not yet passing a SamplingParams (train/rl.py).
         """
+        import torch
+
+        params = params if params is not None else SamplingParams()
+        if overrides:
+            params = dataclasses.replace(params, **overrides)
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
             raise UsageError("the prompt must be a non-empty list of token ids")
         if num_samples < 1:
             raise UsageError(f"num_samples {num_samples} must be >= 1")
-        if max_tokens is not None and max_tokens < 0:
-            raise UsageError(f"max_tokens {max_tokens} must be >= 0")
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         prompt_len = len(tokens)
         if prompt_len > self.context_len:
             raise UsageError(
@@ -200,11 +222,20 @@ class Engine:
                 "shorten it (chat drops the oldest turns automatically)",
             )
         limit = self.max_new_tokens(prompt_len)
-        if max_tokens is not None:
-            limit = min(limit, max_tokens)
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens)
+        # inference_mode wraps a generator function per step (it is not held across the yields).
+        return torch.inference_mode()(self._generate)(tokens, params, num_samples, limit)
+
+    def _generate(
+        self, tokens: list[int], params: SamplingParams, num_samples: int, limit: int
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        import torch
+
         if limit == 0:
             return
-
+        prompt_len = len(tokens)
+        seed = params.seed
         model = self.model
         device = model.get_device()
         # Positions ever written: the prompt plus every generated token but the last.
@@ -284,14 +315,19 @@ class Engine:
                 seen[rows_index, ids.squeeze(1)] = True
 
     def generate_batch(
-        self, tokens: list[int], num_samples: int = 1, **kwargs: Any
+        self,
+        tokens: list[int],
+        params: SamplingParams | None = None,
+        *,
+        num_samples: int = 1,
+        **overrides: Any,
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Non-streaming: `(results, masks)` per row, each the prompt followed by the generated tokens
         (terminal tokens excluded), as nanochat; prompt positions have mask 0."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples
-        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+        for column, column_masks in self.generate(tokens, params, num_samples=num_samples, **overrides):
             for i, (token, mask) in enumerate(zip(column, column_masks, strict=True)):
                 if completed[i]:
                     continue

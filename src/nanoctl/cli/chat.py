@@ -6,12 +6,17 @@ import json
 import shutil
 import sys
 import threading
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
 
 from nanoctl.cli.common import JsonOption, err
+from nanoctl.engine import SamplingParams  # torch-free at import: the options' defaults come from it
 from nanoctl.errors import NanoctlError, UsageError
+
+_SAMPLING = SamplingParams()  # the one set of sampling defaults (nanochat's chat ones)
+_TOP_P = 1.0 if _SAMPLING.top_p is None else _SAMPLING.top_p  # off (None) is spelled 1 on the command line
 
 
 def _stdin_is_tty() -> bool:
@@ -66,18 +71,22 @@ def chat(
     ] = None,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")
-    ] = 0.6,
+    ] = _SAMPLING.temperature,
     top_k: Annotated[
-        int, typer.Option("--top-k", "-k", help="Sample from the k most likely tokens; 0 = all.")
-    ] = 50,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 = off.")] = 1.0,
+        int | None, typer.Option("--top-k", "-k", help="Sample from the k most likely tokens; 0 = all.")
+    ] = _SAMPLING.top_k,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 = off.")
+    ] = _TOP_P,
     repetition_penalty: Annotated[
         float, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens; 1 = off.")
-    ] = 1.0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per reply (tokens).")] = 512,
+    ] = _SAMPLING.repetition_penalty,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Most tokens per reply.")
+    ] = _SAMPLING.max_tokens,
     seed: Annotated[
         int, typer.Option("--seed", help="Sampling seed (each reply uses seed + its index).")
-    ] = 42,
+    ] = _SAMPLING.seed,
     system: Annotated[
         str | None, typer.Option("--system", help="System prompt (merged into the first user message).")
     ] = None,
@@ -90,12 +99,12 @@ def chat(
 
     Example: [cyan]nanoctl chat -p "Why is the sky blue?" --temperature 0[/]
     """
-    from nanoctl.chat import ChatOptions, SamplingSettings
+    from nanoctl.chat import ChatOptions
 
-    settings = SamplingSettings(
+    settings = SamplingParams(  # validates: usage errors before the (slow) model load
         temperature=temperature,
         top_k=top_k or None,
-        top_p=None if top_p == 1.0 else top_p,
+        top_p=top_p,
         repetition_penalty=repetition_penalty,
         max_tokens=max_tokens,
         seed=seed,
@@ -166,14 +175,7 @@ def _one_shot(loaded: Any, prompt: str, opts: Any, json_output: bool) -> None:
     result = run_once(loaded, prompt, opts.sampling, opts.system, on_delta=None if json_output else echo)
     if json_output:
         payload = result.to_dict()
-        payload["sampling"] = {
-            "temperature": opts.sampling.temperature,
-            "top_k": opts.sampling.top_k,
-            "top_p": opts.sampling.top_p,
-            "repetition_penalty": opts.sampling.repetition_penalty,
-            "max_tokens": opts.sampling.max_tokens,
-            "seed": opts.sampling.seed,
-        }
+        payload["sampling"] = asdict(opts.sampling)
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write("\n")

@@ -117,23 +117,22 @@ def evaluate_split_bpb(
 
 def sample_texts(model: Any, tokenizer: Any, opts: BaseEvalOptions) -> list[str]:
     """Greedy continuations of nanochat's prompts, then unconditioned samples (BOS only, T=1.0)."""
-    from nanoctl.engine import Engine
+    from nanoctl.engine import Engine, SamplingParams
 
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     out = []
+    greedy = SamplingParams(temperature=0.0, max_tokens=opts.sample_tokens)
     for prompt in SAMPLE_PROMPTS:
         ids = tokenizer.encode(prompt, prepend=bos)
-        rows, _ = engine.generate_batch(ids, num_samples=1, max_tokens=opts.sample_tokens, temperature=0.0)
+        rows, _ = engine.generate_batch(ids, greedy)
         out.append(tokenizer.decode(rows[0][1:]))
     if opts.unconditioned_samples > 0:
-        rows, _ = engine.generate_batch(
-            [bos],
-            num_samples=opts.unconditioned_samples,
-            max_tokens=opts.unconditioned_tokens,
-            temperature=1.0,
-            seed=42,
+        # nanochat's base_eval: T=1.0 over the full vocabulary (no top-k), seed 42.
+        unconditioned = SamplingParams(
+            temperature=1.0, top_k=None, max_tokens=opts.unconditioned_tokens, seed=42
         )
+        rows, _ = engine.generate_batch([bos], unconditioned, num_samples=opts.unconditioned_samples)
         out += [tokenizer.decode(r[1:]) for r in rows]
     return out
 

@@ -1,8 +1,9 @@
 """`nanoctl eval chat`: nanochat's chat_eval (reference §1.9, §7 "Chat evals").
 
-Categorical tasks (ARC-Easy, ARC-Challenge, MMLU): batches of prompts padded with BOS, one forward each;
-the logits at each prompt's last position, restricted to the answer letters, are argmaxed. Only those
-last positions go through the head. Generative tasks (GSM8K, HumanEval, SpellingBee): Engine sampling,
+Categorical tasks (ARC-Easy, ARC-Challenge, MMLU): `categorical_accuracy`, also SFT's in-training
+metric: batches of prompts padded with BOS, one forward each; the logits at each prompt's last position,
+restricted to the answer letters, are argmaxed. Only those last positions go through the head; a prompt
+longer than the context keeps its end. Generative tasks (GSM8K, HumanEval, SpellingBee): Engine sampling,
 `num_samples` per problem; a problem counts as solved if any sample passes (pass@k, k = num_samples);
 pass@j for j = 1..k is recorded too. ChatCORE = mean over the tasks run of (acc - b) / (1 - b), with b
 the task's random baseline (0.25 for 4-way MC, 0 for generative).
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError, UsageError
 
 ProgressFn = Callable[[int, int, float], None]  # (problems done, total, running accuracy)
@@ -104,69 +106,106 @@ def _sum_across_ranks(values: list[float], device: Any) -> list[float]:
 
 
 def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
+    """The token id of each answer letter ("A" with no leading space, as the prompts end).
+
+    nanoctl's tokenizers are byte-level, so a single ASCII letter is always one token; a tokenizer where
+    one is not cannot be scored this way, and that is a NanoctlError rather than a silent first token.
+    """
     ids = []
     for letter in letters:
         enc = tokenizer.encode(letter)
         if len(enc) != 1:
             raise NanoctlError(
-                f"answer letter {letter!r} is {len(enc)} tokens with this tokenizer; expected 1"
+                f"answer letter {letter!r} encodes to {len(enc)} tokens {enc} with this tokenizer; "
+                "categorical scoring needs each letter to be a single token",
+                "use a tokenizer trained by `nanoctl tok train` (byte-level: every ASCII letter is one token)",
             )
         ids.append(enc[0])
     return ids
 
 
-def run_categorical(
+def categorical_accuracy(
     model: Any,
     tokenizer: Any,
     task: Any,
+    *,
+    max_problems: int | None,
     batch_size: int,
-    max_problems: int | None = None,
+    device: Any,
+    rank: int = 0,
+    world_size: int = 1,
     progress: ProgressFn | None = None,
-) -> tuple[int, int]:
-    """(correct, total) for a multiple-choice task; batches strided across ranks and summed."""
+) -> float:
+    """Accuracy on a multiple-choice task (nanochat's categorical eval); NaN when there is no problem.
+
+    The first `max_problems` problems (None or <= 0: all) in batches of `batch_size`; batch b goes to
+    rank b % world_size, and when torch.distributed is initialized the correct/total counts are summed
+    across ranks. Each prompt is `render_for_completion` (a prompt longer than the model's context keeps
+    its end), the batch is right-padded with BOS, one forward scores only the last prompt position of
+    each row, and the logits of the answer letters are argmaxed. The model is put in eval mode for the
+    call (a torch.compile wrapper is looked through) and its train/eval mode restored afterwards.
+    `progress(done, total, accuracy)` is called after each batch (done counts all ranks' estimate).
+    """
     import torch
+    import torch.distributed as dist
 
     from nanoctl.evaluate.core import _scored_logits
 
-    device = model.get_device()
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be >= 1")
+    m = getattr(model, "_orig_mod", model)
+    ctx = int(m.config.sequence_len)
     bos = tokenizer.get_bos_token_id()
-    n = min(len(task), max_problems) if max_problems else len(task)
-    rank, world = _world()
+    n = min(len(task), max_problems) if max_problems is not None and max_problems > 0 else len(task)
+    letter_ids: dict[tuple[str, ...], list[int]] = {}
     correct = total = 0
-    for b in range(rank, math.ceil(n / batch_size), world):
-        convs = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, n))]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        rows = torch.arange(len(prompts), device=device)
-        cols = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
+    was_training = m.training
+    m.eval()
+    try:
         with torch.no_grad():
-            logits = _scored_logits(model, ids, rows, cols)  # (B, V): only the answer positions
-        for i, conv in enumerate(convs):
-            letters = conv["letters"]
-            focus = logits[i, letter_token_ids(tokenizer, letters)]
-            predicted = letters[int(focus.argmax().item())]
-            correct += bool(task.evaluate(conv, predicted))
-            total += 1
-        if progress:
-            progress(total * world, n, correct / max(total, 1))
-    c, t = _sum_across_ranks([float(correct), float(total)], device)
-    return int(c), int(t)
+            for b0 in range(rank * batch_size, n, batch_size * world_size):
+                convs = [task[i] for i in range(b0, min(b0 + batch_size, n))]
+                prompts = [tokenizer.render_for_completion(c)[-ctx:] for c in convs]
+                width = max(len(p) for p in prompts)
+                ids = torch.tensor(
+                    [p + [bos] * (width - len(p)) for p in prompts], dtype=torch.long, device=device
+                )
+                rows = torch.arange(len(prompts), device=device)
+                cols = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
+                logits = _scored_logits(m, ids, rows, cols)  # (B, V): only the answer positions
+                for i, conv in enumerate(convs):
+                    letters = tuple(conv["letters"])
+                    if letters not in letter_ids:
+                        letter_ids[letters] = letter_token_ids(tokenizer, letters)
+                    focus = logits[i, letter_ids[letters]]
+                    predicted = letters[int(focus.argmax().item())]
+                    correct += bool(task.evaluate(conv, predicted))
+                    total += 1
+                if progress:
+                    progress(total * world_size, n, correct / total)
+    finally:
+        m.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        counts = torch.tensor([correct, total], dtype=torch.float64, device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        correct, total = int(counts[0].item()), int(counts[1].item())
+    return correct / total if total else float("nan")
 
 
 def run_generative(
     model: Any,
     tokenizer: Any,
     task: Any,
+    params: SamplingParams,
     num_samples: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 0.0,
-    top_k: int | None = 50,
     max_problems: int | None = None,
     progress: ProgressFn | None = None,
     engine: Any = None,
 ) -> tuple[int, int, list[float]]:
-    """(solved, total, pass@1..k) for a generative task; problems strided across ranks."""
+    """(solved, total, pass@1..k) for a generative task; problems strided across ranks.
+
+    `params` is how to sample (greedy: `SamplingParams(temperature=0.0)`), its max_tokens the budget per
+    answer; row j of problem i samples with seed `params.seed + j`."""
     from nanoctl.engine import Engine
 
     engine = engine or Engine(model, tokenizer)
@@ -178,9 +217,7 @@ def run_generative(
     for i in range(rank, n, world):
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
-        rows, _ = engine.generate_batch(
-            prompt, num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k
-        )
+        rows, _ = engine.generate_batch(prompt, params, num_samples=num_samples)
         outcomes = [bool(task.evaluate(conv, tokenizer.decode(r[len(prompt) :]))) for r in rows]
         for j in range(num_samples):
             pass_counts[j] += float(any(outcomes[: j + 1]))
@@ -266,6 +303,9 @@ def run_chat_eval(opts: ChatEvalOptions) -> ChatEvalResult:
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=opts.home)
     model.eval()
     engine = Engine(model, tokenizer)
+    sampling = SamplingParams(
+        temperature=opts.temperature, top_k=opts.top_k or None, max_tokens=opts.max_new_tokens
+    )
     result = ChatEvalResult(stage=ref.stage, tag=ref.tag, step=ref.step)
     bar = EvalProgress(enabled=opts.progress and info.is_master)
     try:
@@ -279,21 +319,23 @@ def run_chat_eval(opts: ChatEvalOptions) -> ChatEvalResult:
             ts = time.perf_counter()
             pass_at_k = None
             if tinfo.eval_type == "categorical":
-                correct, total = run_categorical(
-                    model, tokenizer, task, opts.batch_size, opts.max_problems, tick
-                )
-            else:
-                correct, total, pass_at_k = run_generative(
+                accuracy = categorical_accuracy(
                     model,
                     tokenizer,
                     task,
-                    opts.num_samples,
-                    opts.max_new_tokens,
-                    opts.temperature,
-                    opts.top_k or None,
-                    opts.max_problems,
-                    tick,
-                    engine,
+                    max_problems=opts.max_problems,
+                    batch_size=opts.batch_size,
+                    device=info.device,
+                    rank=info.rank,
+                    world_size=info.world_size,
+                    progress=tick,
+                )
+                # Every one of the first n problems is scored once (across the ranks): total is n.
+                total = n
+                correct = 0 if math.isnan(accuracy) else round(accuracy * n)
+            else:
+                correct, total, pass_at_k = run_generative(
+                    model, tokenizer, task, sampling, opts.num_samples, opts.max_problems, tick, engine
                 )
             acc = correct / total if total else 0.0
             r = ChatTaskResult(

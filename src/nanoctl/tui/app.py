@@ -25,7 +25,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Label, Markdown, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
-from nanoctl.chat import COMMANDS_HELP, MIN_TERMINAL, ChatSession, LoadedModel, SamplingSettings, run_command
+from nanoctl.chat import COMMANDS_HELP, MIN_TERMINAL, ChatSession, LoadedModel, run_command
+from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError
 
 MIN_WIDTH, MIN_HEIGHT = MIN_TERMINAL
@@ -135,7 +136,7 @@ class ChatApp(App[None]):
     def __init__(
         self,
         loaded: LoadedModel,
-        settings: SamplingSettings | None = None,
+        settings: SamplingParams | None = None,
         system: str | None = None,
         home: str | Path | None = None,
         loader: Callable[[Any], LoadedModel] | None = None,
@@ -327,7 +328,7 @@ class ChatApp(App[None]):
             if stats.finish_reason == "cancelled":
                 self._notice("stopped")
             elif stats.finish_reason == "length":
-                self._notice(f"reply cut at {self.session.settings.max_tokens} tokens (/max N to change)")
+                self._notice(f"reply cut at {self.session.reply_limit()} tokens (/max N to change)")
             elif stats.finish_reason == "context":
                 self._notice("reply cut: the context is full (Ctrl+N starts a new chat)")
             if not reply.text and stats.finish_reason == "stop":
@@ -444,7 +445,7 @@ class ChatApp(App[None]):
 
 def run_tui(
     loaded: LoadedModel,
-    settings: SamplingSettings | None = None,
+    settings: SamplingParams | None = None,
     system: str | None = None,
     home: str | Path | None = None,
     loader: Callable[[Any], LoadedModel] | None = None,
