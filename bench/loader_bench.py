@@ -16,21 +16,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanoctl.home import Home
 
-def get_tokenizer(home: Path | None) -> tuple[object, Path]:
+
+def get_tokenizer(home: Home) -> tuple[object, Home]:
     from nanoctl.errors import NanoctlError
     from nanoctl.tokenizer import Tokenizer, load_tokenizer
 
     try:
-        return load_tokenizer(home), home  # type: ignore[return-value]
+        return load_tokenizer(home), home
     except NanoctlError:
         pass
-    tmp = Path(tempfile.mkdtemp(prefix="nanoctl-loader-bench-"))
+    tmp = Home(Path(tempfile.mkdtemp(prefix="nanoctl-loader-bench-")))
     from nanoctl.data.shards import iter_texts
 
-    print(f"no tokenizer in the home: training one (vocab 32768) on the sample in {tmp}")
-    tok = Tokenizer.train_from_iterator(iter_texts("train", home=tmp, max_chars=20_000_000), vocab_size=32768)
-    tok.save(tmp / "tokenizer")
+    print(f"no tokenizer in the home: training one (vocab 32768) on the sample in {tmp.root}")
+    tok = Tokenizer.train_from_iterator(iter_texts("train", tmp, max_chars=20_000_000), vocab_size=32768)
+    tok.save(tmp.tokenizer_dir)
     return tok, tmp
 
 
@@ -47,10 +49,10 @@ def main() -> None:
     from nanoctl.data.loader import DataLoader
     from nanoctl.data.shards import resolve_pretrain_shards
     from nanoctl.model.gpt import GPTConfig, build_model
-    from nanoctl.train.base import PretrainOptions, plan_pretrain
+    from nanoctl.train.pretrain import PretrainOptions, plan_pretrain
 
     torch.set_num_threads(args.threads)
-    tok, home = get_tokenizer(args.home)
+    tok, home = get_tokenizer(Home.resolve(args.home))  # the script is an entry point: resolve once
     plan = plan_pretrain(PretrainOptions(), tok.get_vocab_size(), "cpu")  # the CPU defaults
     B, T = plan.device_batch_size, plan.max_seq_len
     shards = resolve_pretrain_shards(home)

@@ -37,7 +37,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh artifact home, exported as NANOCTL_HOME for code under test."""
+    """A fresh artifact home (a path), set as NANOCTL_HOME for the CLI and for entry points called
+    without a home; library functions below them take `Home(home)` explicitly."""
     h = tmp_path / "home"
     h.mkdir()
     monkeypatch.setenv("NANOCTL_HOME", str(h))

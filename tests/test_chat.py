@@ -53,7 +53,7 @@ def chat_home(home: Path) -> Path:
 
 @pytest.fixture
 def loaded(chat_home: Path):
-    return load_chat_model(ChatOptions(device="cpu", home=chat_home))
+    return load_chat_model(ChatOptions(device="cpu"), home=chat_home)
 
 
 # -- library ---------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_cancel_keeps_partial_reply(loaded) -> None:
 
 def test_base_model_runs_in_completion_mode(home: Path) -> None:
     save_model(home, random_model(tiny_config()), stage="base", tag="d2")
-    loaded = load_chat_model(ChatOptions(device="cpu", home=home))
+    loaded = load_chat_model(ChatOptions(device="cpu"), home=home)
     assert loaded.completion_mode
     text = "the quick brown"
     result = run_once(loaded, text, SamplingParams(temperature=0.0, max_tokens=10))
@@ -389,7 +389,7 @@ async def test_tui_escape_stops_generation(home: Path) -> None:
 
     model = random_model(tiny_config(sequence_len=1024, n_embd=128), seed=1, scale=0.1)
     save_model(home, model, stage="base", tag="d2")
-    loaded = load_chat_model(ChatOptions(device="cpu", home=home))
+    loaded = load_chat_model(ChatOptions(device="cpu"), home=home)
     app_ = ChatApp(loaded, SamplingParams(temperature=0.0, max_tokens=1000))
     # Pace the real model's stream (10 ms a token, like a bigger model) so the UI goes idle between
     # pushes: otherwise a fast tiny model can finish before the test gets to press Esc.

@@ -52,7 +52,7 @@ def test_save_load_roundtrip_strips_compile_prefix(home: Path) -> None:
 def test_step_without_meta_is_incomplete(home: Path) -> None:
     d = _save(home, "base", "d4", 5)
     torch.save({"w": torch.zeros(1)}, d / "model_000009.pt")  # a kill before the meta write
-    assert find_checkpoint("base", home=home).step == 5
+    assert find_checkpoint("base", home=Home(home)).step == 5
     with pytest.raises(NanoctlError, match="incomplete"):
         load_checkpoint(d, 9)
 
@@ -61,30 +61,30 @@ def test_find_prefers_later_stage_and_deeper_tag(home: Path) -> None:
     _save(home, "base", "d4", 10)
     _save(home, "base", "d12", 3)
     _save(home, "base", "custom", 7)
-    assert find_checkpoint(home=home).tag == "d12"
+    assert find_checkpoint(home=Home(home)).tag == "d12"
     _save(home, "sft", "d4", 2)
-    ref = find_checkpoint(home=home)
+    ref = find_checkpoint(home=Home(home))
     assert (ref.stage, ref.tag, ref.step) == ("sft", "d4", 2)
-    assert find_checkpoint("base", "d4", home=home).step == 10
-    assert [r.label for r in list_checkpoints(home)] == ["base/custom@7", "base/d12@3", "base/d4@10", "sft/d4@2"]
+    assert find_checkpoint("base", "d4", home=Home(home)).step == 10
+    assert [r.label for r in list_checkpoints(Home(home))] == ["base/custom@7", "base/d12@3", "base/d4@10", "sft/d4@2"]
 
 
 def test_find_errors_name_what_exists(home: Path) -> None:
     with pytest.raises(NanoctlError) as e:
-        find_checkpoint(home=home)
+        find_checkpoint(home=Home(home))
     assert "nanoctl pretrain" in e.value.hint
     _save(home, "base", "d4", 10)
     with pytest.raises(NanoctlError) as e:
-        find_checkpoint("rl", home=home)
+        find_checkpoint("rl", home=Home(home))
     assert "nanoctl rl" in e.value.hint and "base/d4" in e.value.hint
     with pytest.raises(NanoctlError) as e:
-        find_checkpoint("base", "d9", home=home)
+        find_checkpoint("base", "d9", home=Home(home))
     assert "d4" in e.value.hint
     with pytest.raises(NanoctlError) as e:
-        find_checkpoint("base", "d4", 11, home=home)
+        find_checkpoint("base", "d4", 11, home=Home(home))
     assert "10" in e.value.hint
     with pytest.raises(NanoctlError, match="unknown stage"):
-        find_checkpoint("pre", home=home)
+        find_checkpoint("pre", home=Home(home))
 
 
 def test_resolve_checkpoint_path_accepts_dir_or_file(home: Path) -> None:
@@ -100,7 +100,7 @@ def test_prune_keeps_newest(home: Path) -> None:
     for s in (1, 2, 3, 4):
         d = _save(home, "base", "d4", s, optim=True)
     assert prune_checkpoints(d, 2) == [1, 2]
-    assert find_checkpoint("base", home=home).step == 4
+    assert find_checkpoint("base", home=Home(home)).step == 4
     assert sorted(json.loads(p.read_text())["step"] for p in d.glob("meta_*.json")) == [3, 4]
     assert not list(d.glob("*_000001*"))
 

@@ -14,6 +14,7 @@ import torch
 from eval_helpers import TINY_TASKS, make_bundle, one_thread, tiny_model, tiny_tokenizer
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.evaluate import core as C
+from nanoctl.home import Home
 
 
 @pytest.fixture(autouse=True)
@@ -180,9 +181,9 @@ def test_max_per_task_below_fewshot_count(shared_data: Path, tmp_path: Path) -> 
 
 def test_bundle_resolution(shared_data: Path, tmp_path: Path, home: Path) -> None:
     with pytest.raises(NanoctlError, match="no such directory"):
-        C.resolve_bundle(tmp_path / "absent", home)
+        C.resolve_bundle(tmp_path / "absent", home=Home(home))
     with pytest.raises(NanoctlError) as e:
-        C.resolve_bundle(None, home, download=False)
+        C.resolve_bundle(None, home=Home(home), download=False)
     assert "--bundle" in (e.value.hint or "")
     with pytest.raises(NanoctlError, match="not a CORE eval bundle"):
         C.load_bundle(tmp_path)
@@ -198,7 +199,7 @@ def test_bundle_resolution(shared_data: Path, tmp_path: Path, home: Path) -> Non
         home / "eval" / "bundle", lambda done, total: seen.append(done), url=zpath.as_uri()
     )
     assert got == home / "eval" / "bundle" and seen
-    assert C.resolve_bundle(None, home) == got
+    assert C.resolve_bundle(None, home=Home(home)) == got
     assert len(C.load_bundle(got)) == 5
     # offline: one clear error naming the way out
     with pytest.raises(NanoctlError) as e:

@@ -32,6 +32,7 @@ from nanoctl.data.shards import (
     write_shard,
 )
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 
 runner = CliRunner()
 
@@ -82,7 +83,7 @@ def test_plan_shards_val_is_last_and_train_is_balanced() -> None:
 
 
 def test_sample_materialized_once_and_valid(home: Path) -> None:
-    shards = resolve_pretrain_shards()
+    shards = resolve_pretrain_shards(Home(home))
     assert shards.is_sample and shards.directory == home / "data" / "sample"
     assert len(shards.paths) >= 3 and shards.val_path == shards.paths[-1] == list_shards(shards.directory)[-1]
     assert shards.train_paths == list(shards.paths[:-1])
@@ -96,11 +97,11 @@ def test_sample_materialized_once_and_valid(home: Path) -> None:
     assert all(shard_info(p).row_groups >= 4 for p in shards.paths)
 
     mtimes = [p.stat().st_mtime_ns for p in shards.paths]
-    again = resolve_pretrain_shards()
+    again = resolve_pretrain_shards(Home(home))
     assert again.paths == shards.paths and [p.stat().st_mtime_ns for p in again.paths] == mtimes
 
     shards.paths[2].unlink()  # a damaged copy is rebuilt whole
-    rebuilt = resolve_pretrain_shards()
+    rebuilt = resolve_pretrain_shards(Home(home))
     assert [p.name for p in rebuilt.paths] == [p.name for p in shards.paths]
     assert _all_texts(list(rebuilt.paths)) == texts
     assert not [p for p in (home / "data").iterdir() if p.name.startswith(".")]  # no staging dirs left
@@ -108,7 +109,7 @@ def test_sample_materialized_once_and_valid(home: Path) -> None:
 
 def test_sample_materialization_is_safe_under_concurrency(home: Path) -> None:
     # DDP ranks (and parallel stages) may resolve the shards at the same moment: all see one full set.
-    code = "from nanoctl.data import resolve_pretrain_shards as r; print(*[p.name for p in r().paths])"
+    code = "from nanoctl.data import resolve_pretrain_shards as r; from nanoctl.home import Home; print(*[p.name for p in r(Home.resolve()).paths])"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -118,12 +119,12 @@ def test_sample_materialization_is_safe_under_concurrency(home: Path) -> None:
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len({o for o, _ in outs}) == 1
-    assert outs[0][0].split() == [p.name for p in resolve_pretrain_shards().paths]
+    assert outs[0][0].split() == [p.name for p in resolve_pretrain_shards(Home(home)).paths]
     assert [p.name for p in (home / "data").iterdir()] == ["sample"]
     bad = home / "data" / "sample" / "shard_00001.parquet"
     bad.write_bytes(b"garbage")  # bit rot in our own copy: the hint says how to rebuild it
     with pytest.raises(NanoctlError) as e:
-        list(iter_texts("train"))
+        list(iter_texts("train", Home(home)))
     assert "shard_00001.parquet" in e.value.message and "remove" in (e.value.hint or "")
 
 
@@ -140,15 +141,15 @@ def test_sample_is_public_domain_only(shared_data: Path) -> None:
 
 
 def test_iter_texts_caps(home: Path) -> None:
-    val = list(iter_texts("val"))
-    assert len(val) == shard_info(resolve_pretrain_shards().val_path).documents
-    capped = list(iter_texts("train", doc_cap=100, max_chars=1000))
+    val = list(iter_texts("val", Home(home)))
+    assert len(val) == shard_info(resolve_pretrain_shards(Home(home)).val_path).documents
+    capped = list(iter_texts("train", Home(home), doc_cap=100, max_chars=1000))
     assert all(len(t) <= 100 for t in capped)
     assert (
         sum(len(t) for t in capped) > 1000 and sum(len(t) for t in capped[:-1]) <= 1000
     )  # stops right after
     with pytest.raises(UsageError):
-        next(iter_texts("test"))
+        next(iter_texts("test", Home(home)))
 
 
 def test_base_shards_preferred_over_sample(home: Path, shared_data: Path) -> None:
@@ -157,13 +158,16 @@ def test_base_shards_preferred_over_sample(home: Path, shared_data: Path) -> Non
     (base / "shard_00000.parquet").write_bytes(
         (shared_data / "pretrain" / "shard_00000.parquet").read_bytes()
     )
-    assert resolve_pretrain_shards().is_sample  # one shard is not a train/val pair
+    assert resolve_pretrain_shards(Home(home)).is_sample  # one shard is not a train/val pair
     (base / "shard_00008.parquet").write_bytes(
         (shared_data / "pretrain" / "shard_00008.parquet").read_bytes()
     )
-    shards = resolve_pretrain_shards()
+    shards = resolve_pretrain_shards(Home(home))
     assert not shards.is_sample and shards.val_path.name == "shard_00008.parquet"
-    assert next(iter_texts("val")) == pq.read_table(base / "shard_00008.parquet").column("text")[0].as_py()
+    assert (
+        next(iter_texts("val", Home(home)))
+        == pq.read_table(base / "shard_00008.parquet").column("text")[0].as_py()
+    )
 
 
 def test_corrupt_shard_is_one_clear_error(home: Path) -> None:
@@ -171,7 +175,7 @@ def test_corrupt_shard_is_one_clear_error(home: Path) -> None:
     write_shard(base / "shard_00000.parquet", ["a", "b"])
     (base / "shard_00001.parquet").write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(NanoctlError) as e:
-        list(iter_texts("val"))
+        list(iter_texts("val", Home(home)))
     assert "shard_00001.parquet" in e.value.message and "nanoctl data download" in (e.value.hint or "")
     summary = {s.name: s for s in list_data()}["base"]
     assert summary.problems and "shard_00001.parquet" in summary.problems[0]
@@ -199,7 +203,7 @@ def test_ingest_text_files(home: Path, shared_data: Path, tmp_path: Path) -> Non
     assert _all_texts(paths[-1:]) == texts[-r.val_documents :]
     paragraphs = {p.strip() for b in books for p in re.split(r"\n[ \t]*\n", b["text"])}
     assert set(texts) <= paragraphs
-    assert not resolve_pretrain_shards().is_sample
+    assert not resolve_pretrain_shards(Home(home)).is_sample
 
     # deterministic for a seed; --force needed to replace
     with pytest.raises(NanoctlError, match="already holds"):
@@ -376,7 +380,7 @@ def test_download_parallel_then_skip(home: Path, served) -> None:
     assert sorted(r.downloaded) == sorted(files) and r.skipped == [] and r.retries == 0
     assert {p.name: p.read_bytes() for p in list_shards(base)} == files
     assert not list(base.glob("*.part"))
-    shards = resolve_pretrain_shards()
+    shards = resolve_pretrain_shards(Home(home))
     assert not shards.is_sample and shards.val_path.name == "shard_06542.parquet"
     n = len(srv.requests)
     r = download(_opts(srv, shards=3))
@@ -476,7 +480,7 @@ def test_data_cli_registered() -> None:
 def test_cache_ls_shard_detail_from_footers(home: Path) -> None:
     from nanoctl.cache import list_artifacts
 
-    resolve_pretrain_shards()
+    resolve_pretrain_shards(Home(home))
     (entry,) = [a for a in list_artifacts() if a.kind == "shards"]
     summary = {s.name: s for s in list_data()}["sample"]
     assert entry.name == "sample" and f"{summary.documents:,} docs" in entry.detail

@@ -20,6 +20,7 @@ from nanoctl.engine import SamplingParams
 from nanoctl.errors import UsageError
 from nanoctl.evaluate import chat as CH
 from nanoctl.evaluate.bpb import bpb_sums, evaluate_bpb
+from nanoctl.home import Home
 
 
 @pytest.fixture(autouse=True)
@@ -171,10 +172,10 @@ def test_chatcore_math() -> None:
 
 def test_unknown_task_lists_valid_ones(home: Path) -> None:
     with pytest.raises(UsageError) as e:
-        CH.build_tasks(["GSM9K"], None, home)
+        CH.build_tasks(["GSM9K"], None, Home(home))
     assert "GSM8K" in (e.value.hint or "") and "MMLU" in (e.value.hint or "")
     with pytest.raises(UsageError):
-        CH.run_chat_eval(CH.ChatEvalOptions(tasks=["ARC-Easy"], num_samples=0, home=home))
+        CH.run_chat_eval(CH.ChatEvalOptions(tasks=["ARC-Easy"], num_samples=0), home=home)
 
 
 # --- eval base end to end + CLI --------------------------------------------------------------------------------
@@ -197,8 +198,8 @@ def test_eval_base_end_to_end(home: Path, shared_data: Path, tmp_path: Path) -> 
             unconditioned_samples=2,
             unconditioned_tokens=8,
             progress=False,
-            home=home,
-        )
+        ),
+        home=home,
     )
     assert (res.stage, res.tag, res.step) == ("base", "d2", 5)
     assert res.core is not None and [t["label"] for t in res.core["tasks"]] == ["copa", "winograd"]
@@ -260,8 +261,8 @@ def test_eval_chat_end_to_end_all_six_tasks(home: Path, shared_data: Path, tmp_p
             data_dir=str(data_dir),
             device="cpu",
             progress=False,
-            home=home,
-        )
+        ),
+        home=home,
     )
     assert (res.stage, res.tag, res.step) == ("sft", "d2", 3) and res.complete
     names = [t.name for t in res.tasks]

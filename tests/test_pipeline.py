@@ -11,20 +11,21 @@ import pytest
 from typer.testing import CliRunner
 
 from nanoctl.cli import app
+from nanoctl.home import Home
 from nanoctl.tasks.starter import install_starter_task_data
 
 runner = CliRunner()
 
 
 def test_starter_task_data_unpacks_once(home: Path) -> None:
-    written = install_starter_task_data()
+    written = install_starter_task_data(Home(home))
     names = sorted(p.relative_to(home / "data" / "tasks").as_posix() for p in written)
     assert names == ["identity/identity_conversations.jsonl", "words/words_alpha.txt"]
     first = (home / "data/tasks/identity/identity_conversations.jsonl").read_text().splitlines()
     assert len(first) == 1000 and json.loads(first[0])[0]["role"] == "user"
     words = (home / "data/tasks/words/words_alpha.txt").read_text().split("\n")
     assert "strawberry" in words and not any("\r" in w for w in words[:100])
-    assert install_starter_task_data() == []  # second call: nothing to do
+    assert install_starter_task_data(Home(home)) == []  # second call: nothing to do
 
 
 def test_starter_data_does_not_import_the_stages() -> None:

@@ -32,6 +32,7 @@ SEQ = 256
 def artifacts(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """A home with a tokenizer and a random-init base checkpoint (base/d2@0); copied per test."""
     from nanoctl.checkpoint import save_checkpoint, save_tokenizer_copy
+    from nanoctl.home import Home
     from nanoctl.model.gpt import build_model, config_for_depth
     from nanoctl.tokenizer import Tokenizer
 
@@ -59,7 +60,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Pa
         None,
         {"model_config": config.to_dict(), "stage": "base", "device_batch_size": 4},
     )
-    save_tokenizer_copy(ckpt, root)
+    save_tokenizer_copy(ckpt, Home(root))
     return root
 
 

@@ -17,6 +17,7 @@ from nanoctl.errors import NanoctlError
 from nanoctl.evaluate import chat as CH
 from nanoctl.evaluate.core import evaluate_core
 from nanoctl.evaluate.results import EvalRecord, hardware_info, load_records, write_record
+from nanoctl.home import Home
 from nanoctl.metrics import MetricsLogger
 from nanoctl.report import ReportOptions, generate_report, markdown_to_html, read_jsonl
 
@@ -60,7 +61,7 @@ def _eval_records(home: Path, shared_data: Path, tmp_path: Path) -> float:
         seconds=1.0,
         hardware=hardware_info("cpu"),
     )
-    write_record(base, home)
+    write_record(base, Home(home))
     for stage, acc in (("sft", 0.5), ("rl", 0.75)):
         tasks = [
             CH.ChatTaskResult(
@@ -78,7 +79,7 @@ def _eval_records(home: Path, shared_data: Path, tmp_path: Path) -> float:
             results={"tasks": [t.__dict__ for t in tasks], "chatcore": CH.chatcore(tasks)},
             seconds=1.0,
         )
-        write_record(rec, home)
+        write_record(rec, Home(home))
     return core.core
 
 
@@ -86,8 +87,8 @@ def test_report_from_real_logs_and_evals(home: Path, shared_data: Path, tmp_path
     _training_logs(home)
     tiny_tokenizer().save(home / "tokenizer")
     core = _eval_records(home, shared_data, tmp_path)
-    assert [r.kind for r in load_records(home)] == ["base", "chat", "chat"]
-    res = generate_report(ReportOptions(home=home, html=True))
+    assert [r.kind for r in load_records(Home(home))] == ["base", "chat", "chat"]
+    res = generate_report(ReportOptions(html=True), home=home)
     md = Path(res.markdown_path).read_text()
     assert Path(res.markdown_path) == home / "reports" / "report.md"
     for title in (
@@ -124,7 +125,7 @@ def test_report_from_real_logs_and_evals(home: Path, shared_data: Path, tmp_path
 
 def test_report_cli_and_empty_home(home: Path) -> None:
     with pytest.raises(NanoctlError) as e:
-        generate_report(ReportOptions(home=home))
+        generate_report(ReportOptions(), home=home)
     assert "nanoctl pretrain" in (e.value.hint or "")
     r = CliRunner().invoke(app, ["report"])
     assert r.exit_code == 1 and "nothing to report" in r.output and "Traceback" not in r.output

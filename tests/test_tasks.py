@@ -10,6 +10,7 @@ import pytest
 
 from nanoctl.conversations import load_conversations, validate_conversation
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 from nanoctl.tasks import TASK_INFO, TaskMixture, TaskSequence, get_task, list_tasks, render_mc
 from nanoctl.tasks.arc import ARC, normalize_row
 from nanoctl.tasks.common import Task, TaskSlice, extract_answer, hub_permutation
@@ -236,7 +237,7 @@ def test_build_mixture_records_used_and_missing(
     (d / "gsm8k").mkdir(parents=True)
     lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:40]
     (d / "gsm8k" / "train.jsonl").write_text("\n".join(lines) + "\n")
-    mix = build_mixture("sft", data_dir=d, home=home)
+    mix = build_mixture("sft", data_dir=d, home=Home(home))
     used = {s.name: s.rows for s in mix.train_sources if s.ok}
     missing = {s.name for s in mix.train_sources if not s.ok}
     assert used == {"GSM8K": 40}
@@ -246,13 +247,13 @@ def test_build_mixture_records_used_and_missing(
     # custom data alone replaces the mixture; with mix=True it joins it
     custom = tmp_path / "mine.jsonl"
     custom.write_text('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]\n' * 10)
-    alone = build_mixture("sft", data_dir=d, home=home, data=[custom])
+    alone = build_mixture("sft", data_dir=d, home=Home(home), data=[custom])
     assert [s.name for s in alone.train_sources] == ["--data mine.jsonl"]
     assert len(alone.train) + len(alone.val) == 10
-    mixed = build_mixture("sft", data_dir=d, home=home, data=[custom], mix=True)
+    mixed = build_mixture("sft", data_dir=d, home=Home(home), data=[custom], mix=True)
     assert len(mixed.train) + len(mixed.val) == 50
     with pytest.raises(NanoctlError, match="no mid training data"):
-        build_mixture("mid", data_dir=tmp_path / "empty", home=home)
+        build_mixture("mid", data_dir=tmp_path / "empty", home=Home(home))
 
 
 def test_offline_missing_dataset_is_one_line(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,7 +340,9 @@ def test_ingest_then_found_without_data_dir(
     (src / "unrelated.txt").write_text("x")
     copied = ingest_task_data(src, home)
     assert copied == [home / "data" / "tasks" / "gsm8k" / "train.jsonl"]
-    assert len(GSM8K("main", "train")) == 1  # found under <home>/data/tasks/ with no --data-dir
+    assert len(GSM8K("main", "train", home=Home(home))) == 1  # under <home>/data/tasks/, no --data-dir
+    with pytest.raises(NanoctlError, match="not found locally"):
+        GSM8K("main", "train")  # no home given: only data dirs are searched, never an ambient one
     avail = {(a.name, a.split): a for a in task_availability(None, home)}
     assert avail[("GSM8K", "train")].rows == 1 and avail[("GSM8K", "test")].rows is None
     empty = tmp_path / "empty"

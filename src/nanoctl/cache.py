@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -67,7 +68,8 @@ def _shard_detail(name: str, directory: Path, count: int) -> str:
     return detail
 
 
-def list_artifacts(home: str | Path | None = None) -> list[Artifact]:
+def list_artifacts(home: Home | str | os.PathLike[str] | None = None) -> list[Artifact]:
+    """What the home holds (`nanoctl cache ls`). An entry point: `home` is resolved here."""
     h = Home.resolve(home)
     found: list[Artifact] = []
     for name, d in (("base", h.data_dir), ("sample", h.sample_data_dir)):
@@ -117,10 +119,10 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def render_table(entries: list[Artifact], console: Any, home: str | Path | None = None) -> None:
+def render_table(entries: list[Artifact], console: Any, home: Home) -> None:
     from rich.table import Table
 
-    root = Home.resolve(home).root
+    root = home.root
     if not entries:
         console.print(f"{root} is empty. Start with `nanoctl tok train` (uses the embedded sample).")
         return
@@ -139,7 +141,8 @@ def render_table(entries: list[Artifact], console: Any, home: str | Path | None 
     console.print(f"total {_human(sum(e.size_bytes for e in entries))}")
 
 
-def resolve_targets(names: list[str], home: str | Path | None = None) -> list[Path]:
+def resolve_targets(names: list[str], home: Home | str | os.PathLike[str] | None = None) -> list[Path]:
+    """The paths `nanoctl cache rm NAME...` removes. An entry point: `home` is resolved here."""
     h = Home.resolve(home)
     fixed = {
         "data": h.root / "data",

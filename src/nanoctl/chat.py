@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import UsageError
+from nanoctl.home import Home
 
 if TYPE_CHECKING:
     from nanoctl.checkpoint import CheckpointRef
@@ -44,7 +45,6 @@ class ChatOptions:
     dtype: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)  # /temp, /topk, ... replace it
     system: str | None = None
-    home: str | os.PathLike[str] | None = None
 
     def validate(self) -> None:
         if self.stage is not None and self.stage not in CHAT_STAGES:
@@ -81,9 +81,13 @@ class LoadedModel:
         return int(self.model.config.sequence_len)
 
 
-def load_chat_model(opts: ChatOptions) -> LoadedModel:
-    """Resolve and load the checkpoint `opts` names (NanoctlError lists what exists when it is absent)."""
+def load_chat_model(opts: ChatOptions, *, home: Home | str | os.PathLike[str] | None = None) -> LoadedModel:
+    """Resolve and load the checkpoint `opts` names (NanoctlError lists what exists when it is absent).
+
+    An entry point: `home` is resolved here.
+    """
     opts.validate()
+    home = Home.resolve(home)
     from nanoctl.checkpoint import find_checkpoint, load_model, resolve_checkpoint_path
     from nanoctl.device import compute_dtype, dtype_name, resolve_device
     from nanoctl.engine import Engine
@@ -93,8 +97,8 @@ def load_chat_model(opts: ChatOptions) -> LoadedModel:
     if opts.checkpoint:
         ref = resolve_checkpoint_path(opts.checkpoint, opts.step)
     else:
-        ref = find_checkpoint(opts.stage, opts.tag, opts.step, opts.home)
-    model, tokenizer, meta = load_model(ref, device=device, dtype=dtype, home=opts.home, phase="eval")
+        ref = find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
+    model, tokenizer, meta = load_model(ref, device=device, dtype=dtype, home=home, phase="eval")
     return LoadedModel(model, tokenizer, Engine(model, tokenizer), meta, ref, str(device), dtype_name(dtype))
 
 

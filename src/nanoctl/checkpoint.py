@@ -428,9 +428,9 @@ def _tags(stage_dir: Path) -> list[Path]:
     return sorted(tags, key=key, reverse=True)
 
 
-def list_checkpoints(home: str | os.PathLike[str] | None = None) -> list[CheckpointRef]:
+def list_checkpoints(home: Home) -> list[CheckpointRef]:
     """Every complete checkpoint step in the home, in stage order then tag then step."""
-    root = Home.resolve(home).checkpoints_root
+    root = home.checkpoints_root
     refs = []
     for stage in STAGES:
         for tag_dir in sorted(_tags(root / stage), key=lambda p: p.name):
@@ -442,11 +442,12 @@ def find_checkpoint(
     stage: str | None = None,
     tag: str | None = None,
     step: int | None = None,
-    home: str | os.PathLike[str] | None = None,
+    *,
+    home: Home,
 ) -> CheckpointRef:
     """Resolve a checkpoint. stage None: newest of rl > sft > mid > base; tag None: largest d<N>
     (else most recent); step None: the latest complete step."""
-    root = Home.resolve(home).checkpoints_root
+    root = home.checkpoints_root
     if stage is not None and stage not in STAGES:
         raise NanoctlError(f"unknown stage {stage!r}", f"expected one of: {', '.join(STAGES)}")
     stages = [stage] if stage else list(reversed(STAGES))
@@ -508,9 +509,9 @@ def resolve_checkpoint_path(path: str | os.PathLike[str], step: int | None = Non
     return CheckpointRef(stage, p.name, step, p)
 
 
-def save_tokenizer_copy(directory: str | os.PathLike[str], home: str | os.PathLike[str] | None = None) -> None:
+def save_tokenizer_copy(directory: str | os.PathLike[str], home: Home) -> None:
     """Keep the tokenizer next to the weights so a checkpoint stays usable if the home's tokenizer changes."""
-    src = Home.resolve(home).tokenizer_dir
+    src = home.tokenizer_dir
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.pkl", "token_bytes.pt"):
@@ -519,7 +520,7 @@ def save_tokenizer_copy(directory: str | os.PathLike[str], home: str | os.PathLi
                 shutil.copyfile(src / name, tmp)
 
 
-def load_tokenizer_for(ref: CheckpointRef, home: str | os.PathLike[str] | None = None) -> Tokenizer:
+def load_tokenizer_for(ref: CheckpointRef, home: Home) -> Tokenizer:
     from nanoctl.tokenizer import Tokenizer, load_tokenizer
 
     if (ref.directory / "tokenizer.pkl").exists():
@@ -544,17 +545,23 @@ def load_model(
     checkpoint: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    home: str | os.PathLike[str] | None = None,
+    home: Home | str | os.PathLike[str] | None = None,
     phase: str = "eval",
 ) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """Load a checkpoint as a ready model with its tokenizer. Returns (model, tokenizer, meta);
-    meta gains a "ref" entry describing which checkpoint was loaded."""
+    meta gains a "ref" entry describing which checkpoint was loaded. An entry point: `home` is
+    resolved here (library callers pass their Home)."""
     import torch
 
     from nanoctl.model.gpt import GPTConfig, build_model
 
+    home = Home.resolve(home)
     if ref is None:
-        ref = resolve_checkpoint_path(checkpoint, step) if checkpoint else find_checkpoint(stage, tag, step, home)
+        ref = (
+            resolve_checkpoint_path(checkpoint, step)
+            if checkpoint
+            else find_checkpoint(stage, tag, step, home=home)
+        )
     device = torch.device(device)
     state, _, meta = load_checkpoint(ref.directory, ref.step, device=device)
     cfg_dict = _infer_arch(meta["model_config"], state)

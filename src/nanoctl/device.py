@@ -221,27 +221,11 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
-def memory_allocated_mib(device: torch.device | str) -> float:
-    """Currently allocated tensor memory in MiB (0 on CPU, where torch does not track it)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.current_allocated_memory() / 2**20
-    return 0.0
-
-
 def max_memory_allocated_mib(device: torch.device | str) -> float:
-    """Peak allocated memory in MiB since start (or the last reset); 0 where torch does not track it."""
+    """Peak allocated memory in MiB since the process started; 0 where torch does not track it."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20
     return 0.0
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)

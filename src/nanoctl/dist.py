@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import HOME_ENV, Home
 
 if TYPE_CHECKING:
     import torch
@@ -127,16 +128,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 # --- re-launch ----------------------------------------------------------------------------------
 
 
@@ -211,19 +202,22 @@ def relaunch_with_torchrun(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     argv: list[str] | None = None,
+    *,
+    home: Home,
 ) -> int:
     """Run the same command under torch.distributed.run and wait; on failure raise a readable error.
 
-    NANOCTL_HOME (and the rest of the environment) passes through to the workers. Rank 0's output is
-    shown live without torchrun's `[default0]:` prefix; torchrun's own log lines and traceback are kept
-    back and boiled down to one line (which rank, exit code, its last error) when a worker fails.
+    The workers get this process's environment plus NANOCTL_HOME set to `home` (in their environment
+    only; this process's os.environ is not touched), so their CLI entry point resolves the same home.
+    Rank 0's output is shown live without torchrun's `[default0]:` prefix; torchrun's own log lines and
+    traceback are kept back and boiled down to one line (which rank, exit code, its last error) when a
+    worker fails.
     """
     import threading
 
     with tempfile.TemporaryDirectory(prefix="nanoctl-torchrun-") as log_dir:
         cmd = torchrun_command(nproc_per_node, nnodes, node_rank, rdzv_endpoint, argv, log_dir=log_dir)
-        env = dict(os.environ)
-        env[CHILD_ENV] = "1"
+        env = {**os.environ, HOME_ENV: str(home.root), CHILD_ENV: "1"}
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc_per_node))))
         env["PYTHONUNBUFFERED"] = "1"
         launcher_lines: list[str] = []

@@ -1,7 +1,11 @@
 """The artifact home: where shards, tokenizers, checkpoints, eval bundles and reports live.
 
-Resolution order: explicit argument (the CLI's --home) > NANOCTL_HOME > platformdirs user cache dir.
-The CLI exports --home as NANOCTL_HOME so processes it spawns (torchrun workers) see the same home.
+The home is resolved once, by an entry point, and passed down as a `Home`: `Home.resolve` is the one
+place that reads NANOCTL_HOME or asks platformdirs. Only entry points call it (the CLI's root callback,
+and the public top-level functions a library user calls, such as `train_tokenizer` or `eval_base`,
+which take `home: Home | str | PathLike | None = None`); everything below them takes `home: Home` and
+never consults the environment. Processes spawned for a run (torchrun workers) get the resolved home
+in their own environment (see `dist.relaunch_with_torchrun`).
 """
 
 from __future__ import annotations
@@ -10,19 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("base", "mid", "sft", "rl")  # training order; chat/serve default to the newest: rl > sft > mid > base
-
-
-def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
-    """Return the artifact home directory (not created here)."""
-    if home:
-        return Path(home).expanduser().resolve()
-    env = os.environ.get("NANOCTL_HOME")
-    if env:
-        return Path(env).expanduser().resolve()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("nanoctl")).resolve()
+STAGES = ("base", "mid", "sft", "rl")  # training order; chat defaults to the newest: rl > sft > mid > base
+HOME_ENV = "NANOCTL_HOME"
 
 
 @dataclass(frozen=True)
@@ -32,8 +25,22 @@ class Home:
     root: Path
 
     @classmethod
-    def resolve(cls, home: str | os.PathLike[str] | None = None) -> Home:
-        return cls(resolve_home(home))
+    def resolve(cls, home: Home | str | os.PathLike[str] | None = None) -> Home:
+        """The home to use: `home` itself when it is a Home, else the explicit path (the CLI's --home)
+        > $NANOCTL_HOME > the platformdirs user cache dir. Nothing is created here.
+
+        Call it only in entry points (once, at the top); library code below them takes a `Home`.
+        """
+        if isinstance(home, Home):
+            return home
+        if home:
+            return cls(Path(home).expanduser().resolve())
+        env = os.environ.get(HOME_ENV)
+        if env:
+            return cls(Path(env).expanduser().resolve())
+        from platformdirs import user_cache_dir
+
+        return cls(Path(user_cache_dir("nanoctl")).resolve())
 
     @property
     def data_dir(self) -> Path:

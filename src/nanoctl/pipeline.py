@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanoctl.errors import UsageError
+from nanoctl.home import Home
 from nanoctl.tasks.starter import install_starter_task_data
 
 PIPELINE_STAGES = ("tok", "pretrain", "mid", "sft", "eval", "report", "chat")
@@ -27,7 +28,6 @@ class RunOptions:
     depth: int | None = None  # None: the pretrain device default
     device: str = "auto"
     force: bool = False
-    home: str | os.PathLike[str] | None = None
     prompt: str = DEMO_PROMPT
 
 
@@ -54,8 +54,16 @@ def _validate(opts: RunOptions) -> None:
         )
 
 
-def run_pipeline(opts: RunOptions, say: Callable[[str], None] = print) -> RunResult:
-    """Run the selected stages in pipeline order. Each stage's own skip/resume rules apply."""
+def run_pipeline(
+    opts: RunOptions,
+    say: Callable[[str], None] = print,
+    *,
+    home: Home | str | os.PathLike[str] | None = None,
+) -> RunResult:
+    """Run the selected stages in pipeline order. Each stage's own skip/resume rules apply.
+
+    An entry point: `home` is resolved here, once, and passed to every stage.
+    """
     _validate(opts)
     from nanoctl.device import resolve_device
 
@@ -63,7 +71,7 @@ def run_pipeline(opts: RunOptions, say: Callable[[str], None] = print) -> RunRes
     t_start = time.perf_counter()
     outcomes: list[StageOutcome] = []
     result = RunResult(outcomes=outcomes, seconds=0.0)
-    home = opts.home
+    home = Home.resolve(home)
 
     def stage(name: str, fn: Callable[[], str]) -> None:
         if name not in opts.stages:
@@ -78,7 +86,7 @@ def run_pipeline(opts: RunOptions, say: Callable[[str], None] = print) -> RunRes
         from nanoctl.tok_train import TokTrainOptions, train_tokenizer
 
         vocab = opts.vocab_size or (32768 if device_type == "cuda" else 4096)
-        r = train_tokenizer(TokTrainOptions(home=home, vocab_size=vocab, force=opts.force))
+        r = train_tokenizer(TokTrainOptions(vocab_size=vocab, force=opts.force), home=home)
         if r.skipped:
             return f"kept the existing tokenizer in {r.directory} (vocab {r.vocab_size})"
         return f"vocab {r.vocab_size} trained on {r.characters:,} chars from the {r.source}"
@@ -120,13 +128,13 @@ def run_pipeline(opts: RunOptions, say: Callable[[str], None] = print) -> RunRes
             BaseEvalOptions(
                 evals=evals,
                 device=opts.device,
-                home=home,
                 max_per_task=16 if small else -1,
                 device_batch_size=4 if small else 32,
                 split_tokens=16384 if small else 40 * 524288,
                 unconditioned_samples=2 if small else 8,
                 progress=False,
-            )
+            ),
+            home=home,
         )
         parts = [f"{split} bpb {v:.4f}" for split, v in r.bpb.items()]
         if r.core and r.core.get("core") is not None:
@@ -138,14 +146,14 @@ def run_pipeline(opts: RunOptions, say: Callable[[str], None] = print) -> RunRes
     def report() -> str:
         from nanoctl.report import ReportOptions, generate_report
 
-        r = generate_report(ReportOptions(home=home))
+        r = generate_report(ReportOptions(), home=home)
         result.report_path = r.markdown_path
         return f"report card at {r.markdown_path}"
 
     def chat() -> str:
         from nanoctl.chat import ChatOptions, load_chat_model, run_once
 
-        loaded = load_chat_model(ChatOptions(device=opts.device, home=home))
+        loaded = load_chat_model(ChatOptions(device=opts.device), home=home)
         r = run_once(loaded, opts.prompt)
         result.reply = r.reply
         return f"{loaded.ref.label}: {opts.prompt!r} → {r.reply.strip()[:200]!r}"

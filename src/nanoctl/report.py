@@ -38,7 +38,6 @@ SUMMARY_METRICS = (
 
 @dataclass
 class ReportOptions:
-    home: str | os.PathLike[str] | None = None
     html: bool = False
     open: bool = False
     output: str | os.PathLike[str] | None = None  # markdown path (default <home>/reports/report.md)
@@ -151,7 +150,7 @@ def tokenizer_compression(home: Home) -> dict[str, Any] | None:
         from nanoctl.tok_eval import TokEvalOptions, evaluate_tokenizer
 
         has_shards = len(list_shards(home.data_dir)) >= 2 if home.data_dir.is_dir() else False
-        return evaluate_tokenizer(TokEvalOptions(home=home.root, shards=has_shards)).to_dict()
+        return evaluate_tokenizer(TokEvalOptions(shards=has_shards), home=home).to_dict()
     except Exception:  # the report card must not fail because one optional section could not be built
         return None
 
@@ -282,15 +281,14 @@ def _newest(records: list[Any], kind: str) -> dict[str, Any]:
     return out
 
 
-def build_report(opts: ReportOptions) -> tuple[str, list[Path], list[str]]:
+def build_report(opts: ReportOptions, home: Home) -> tuple[str, list[Path], list[str]]:
     """(markdown, image paths, section titles). Raises NanoctlError when there is nothing to report."""
     from nanoctl import __version__
     from nanoctl.evaluate.results import git_commit, hardware_info, load_records
 
-    home = Home.resolve(opts.home)
     root = home.reports_root
     runs = find_runs(root) if root.is_dir() else []
-    records = load_records(opts.home) if root.is_dir() else []
+    records = load_records(home) if root.is_dir() else []
     tok_evals = find_tokenizer_evals(home)
     if not runs and not records and not tok_evals:
         raise NanoctlError(
@@ -524,12 +522,14 @@ def markdown_to_html(md: str, images_root: Path, title: str = "nanoctl report") 
     )
 
 
-def generate_report(opts: ReportOptions) -> ReportResult:
-    """Write report.md (+ plots, + report.html with --html); open it with --open."""
+def generate_report(
+    opts: ReportOptions, *, home: Home | str | os.PathLike[str] | None = None
+) -> ReportResult:
+    """Write report.md (+ plots, + report.html with --html); open it with --open. `home` is resolved here."""
     from nanoctl.atomic import atomic_write_text
 
-    home = Home.resolve(opts.home)
-    md, images, sections = build_report(opts)
+    home = Home.resolve(home)
+    md, images, sections = build_report(opts, home)
     md_rel = md  # image links relative to the reports dir (what the HTML inliner resolves)
     md_path = Path(opts.output).expanduser() if opts.output else home.reports_root / "report.md"
     if opts.output and images:

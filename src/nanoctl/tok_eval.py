@@ -104,7 +104,6 @@ PEERS = {"gpt2": "GPT-2", "cl100k_base": "GPT-4"}
 
 @dataclass
 class TokEvalOptions:
-    home: Path | None = None
     shards: bool = True  # also evaluate the first row group of the train and val shards
 
 
@@ -176,7 +175,7 @@ def _peer_encoders(notes: list[str]) -> dict[str, Any]:
     return encs
 
 
-def _shard_texts(home: Path, notes: list[str]) -> dict[str, str]:
+def _shard_texts(home: Home, notes: list[str]) -> dict[str, str]:
     from nanoctl.data.shards import iter_row_group_texts, resolve_pretrain_shards
 
     shards = resolve_pretrain_shards(home)
@@ -191,17 +190,19 @@ def _shard_texts(home: Path, notes: list[str]) -> dict[str, str]:
     return out
 
 
-def evaluate_tokenizer(opts: TokEvalOptions) -> TokEvalResult:
-    """Bytes per token of our tokenizer (and GPT-2/GPT-4 when cached) on each text."""
+def evaluate_tokenizer(
+    opts: TokEvalOptions, *, home: Home | str | os.PathLike[str] | None = None
+) -> TokEvalResult:
+    """Bytes per token of our tokenizer (and GPT-2/GPT-4 when cached) on each text. `home` is resolved here."""
     from nanoctl.tokenizer import load_tokenizer
 
-    home = Home.resolve(opts.home)
-    tok = load_tokenizer(home.root)
+    home = Home.resolve(home)
+    tok = load_tokenizer(home)
     notes: list[str] = []
     peers = _peer_encoders(notes)
     texts = dict(SAMPLE_TEXTS)
     if opts.shards:
-        texts.update(_shard_texts(home.root, notes))
+        texts.update(_shard_texts(home, notes))
     encoders: dict[str, Any] = {"ours": tok.enc, **peers}
     result = TokEvalResult(
         tokenizer=str(home.tokenizer_dir),

@@ -7,6 +7,7 @@ saves `<home>/tokenizer/{tokenizer.pkl,token_bytes.pt}` atomically.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,6 @@ ROUNDTRIP_TEXT = "Hello world! This is a test.\nNumbers: 123, 4567, 89\nContract
 
 @dataclass
 class TokTrainOptions:
-    home: Path | None = None
     vocab_size: int = 32768  # nanochat HEAD (2^15); OLD used 65536
     max_chars: int = 2_000_000_000  # stop after the document that passes this many characters
     doc_cap: int = 10_000  # crop each document to this many characters
@@ -127,10 +127,12 @@ def _expected_chars(paths: list[Path], max_chars: int) -> int:
     return total
 
 
-def train_tokenizer(opts: TokTrainOptions) -> TokTrainResult:
-    """Train and save the home's tokenizer; see the module docstring."""
+def train_tokenizer(
+    opts: TokTrainOptions, *, home: Home | str | os.PathLike[str] | None = None
+) -> TokTrainResult:
+    """Train and save the home's tokenizer; see the module docstring. `home` is resolved here."""
     _check(opts)
-    home = Home.resolve(opts.home)
+    home = Home.resolve(home)
     target = home.tokenizer_dir
     result = TokTrainResult(directory=str(target), requested_vocab_size=opts.vocab_size)
     if (target / PICKLE_NAME).exists() and not opts.force:
@@ -148,7 +150,7 @@ def train_tokenizer(opts: TokTrainOptions) -> TokTrainResult:
     else:
         from nanoctl.data.shards import iter_shard_texts, resolve_pretrain_shards
 
-        shards = resolve_pretrain_shards(home.root)
+        shards = resolve_pretrain_shards(home)
         result.source = "sample" if shards.is_sample else "shards"
         result.source_directory = str(shards.directory)
         if shards.is_sample:

@@ -18,12 +18,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import tiktoken
-
 from nanoctl.errors import NanoctlError
 from nanoctl.home import Home
 
 if TYPE_CHECKING:
+    import tiktoken  # imported where used: `nanoctl tok --help` (which reads TokTrainOptions) stays light
     import torch
 
 SPECIAL_TOKENS: list[str] = [
@@ -45,6 +44,7 @@ SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| 
 
 PICKLE_NAME = "tokenizer.pkl"
 TOKEN_BYTES_NAME = "token_bytes.pt"
+RENDER_ALL = 1 << 30  # "no limit" for render_conversation: callers crop to their own context
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 ProgressFn = Callable[[str, int, int], None]
@@ -99,6 +99,8 @@ class Tokenizer:
         assert len(ranks) == rust.vocab_size, "duplicate token bytes in trained ranks"
         offset = len(ranks)
         special = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        import tiktoken
+
         enc = tiktoken.Encoding(
             name="rustbpe", pat_str=rust.get_pattern(), mergeable_ranks=ranks, special_tokens=special
         )
@@ -109,6 +111,8 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir: str | os.PathLike[str]) -> Tokenizer:
         """Load `tokenizer.pkl` from a nanoctl or nanochat tokenizer directory."""
+        import tiktoken
+
         path = Path(tokenizer_dir) / PICKLE_NAME
         try:
             with open(path, "rb") as f:
@@ -134,6 +138,8 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, tiktoken_name: str) -> Tokenizer:
         """A tiktoken named encoding (gpt2, cl100k_base) with <|endoftext|> as BOS, for comparisons."""
+        import tiktoken
+
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
 
     # -- vocabulary ---------------------------------------------------------------------------------
@@ -352,8 +358,8 @@ def _swap_dir(staging: Path, target: Path) -> None:
         pass
 
 
-def load_tokenizer(home: str | os.PathLike[str] | None = None) -> Tokenizer:
-    """The home's tokenizer (`<home>/tokenizer/tokenizer.pkl`)."""
+def load_tokenizer(home: Home | str | os.PathLike[str] | None = None) -> Tokenizer:
+    """The home's tokenizer (`<home>/tokenizer/tokenizer.pkl`). An entry point: `home` is resolved here."""
     d = Home.resolve(home).tokenizer_dir
     if not (d / PICKLE_NAME).is_file():
         raise NanoctlError(f"no tokenizer in {d}", "run `nanoctl tok train` first")
@@ -361,15 +367,17 @@ def load_tokenizer(home: str | os.PathLike[str] | None = None) -> Tokenizer:
 
 
 def load_token_bytes(
-    home: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"
+    home: Home | str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """int32 byte length per token id (0 for specials), for bits-per-byte.
 
     Computed from the tokenizer when `token_bytes.pt` is missing (e.g. a copied nanochat pickle).
+    An entry point: `home` is resolved here.
     """
     import torch
 
-    d = Home.resolve(home).tokenizer_dir
+    home = Home.resolve(home)
+    d = home.tokenizer_dir
     path = d / TOKEN_BYTES_NAME
     if path.is_file():
         try:

@@ -6,24 +6,22 @@ from typing import Annotated
 
 import typer
 
-from nanoctl.cli.common import App, JsonOption, out
+from nanoctl.cli.common import App, JsonOption, home_of, out
 
 cache_app = App(help="Inspect and clean the artifact home (shards, tokenizer, checkpoints, reports).")
 
 
 @cache_app.command("path")
-def cache_path() -> None:
+def cache_path(ctx: typer.Context) -> None:
     """Print the artifact home directory.
 
     Example: [cyan]cd "$(nanoctl cache path)"[/]
     """
-    from nanoctl.home import resolve_home
-
-    out.print(str(resolve_home()), soft_wrap=True)
+    out.print(str(home_of(ctx).root), soft_wrap=True)
 
 
 @cache_app.command("ls")
-def cache_ls(json_output: JsonOption = False) -> None:
+def cache_ls(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """List what the home holds: shards, tokenizer, checkpoints per stage/tag/step, reports, with sizes.
 
     Example: [cyan]nanoctl cache ls --json[/]
@@ -32,15 +30,17 @@ def cache_ls(json_output: JsonOption = False) -> None:
 
     from nanoctl.cache import list_artifacts, render_table
 
-    entries = list_artifacts()
+    home = home_of(ctx)
+    entries = list_artifacts(home)
     if json_output:
         out.print_json(json.dumps([e.to_dict() for e in entries]))
     else:
-        render_table(entries, out)
+        render_table(entries, out, home)
 
 
 @cache_app.command("rm")
 def cache_rm(
+    ctx: typer.Context,
     what: Annotated[
         list[str],
         typer.Argument(
@@ -56,7 +56,7 @@ def cache_rm(
     """
     from nanoctl.cache import remove_artifacts, resolve_targets
 
-    targets = resolve_targets(what)
+    targets = resolve_targets(what, home_of(ctx))
     for t in targets:
         out.print(f"  {t}")
     if not yes and not typer.confirm(f"Remove {len(targets)} path(s)?", default=False):

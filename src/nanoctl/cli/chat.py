@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from nanoctl.cli.common import JsonOption, err
+from nanoctl.cli.common import JsonOption, err, home_of
 from nanoctl.engine import SamplingParams  # torch-free at import: the options' defaults come from it
 from nanoctl.errors import NanoctlError, UsageError
 
@@ -40,6 +40,7 @@ def check_terminal(columns: int, lines: int) -> None:
 
 
 def chat(
+    ctx: typer.Context,
     prompt: Annotated[
         str | None,
         typer.Option("--prompt", "-p", help="Answer this one prompt and exit (stdin is read when piped)."),
@@ -143,9 +144,10 @@ def chat(
 
     from nanoctl.chat import load_chat_model
 
+    home = home_of(ctx)
     if sys.stderr.isatty() and not json_output:
         err.print("[dim]loading the model…[/]", end="\r")
-    loaded = load_chat_model(opts)
+    loaded = load_chat_model(opts, home=home)
     if prompt is not None:
         _one_shot(loaded, prompt, opts, json_output)
     elif plain:
@@ -159,10 +161,11 @@ def chat(
             from nanoctl.chat import load_chat_model as load
 
             return load(
-                replace(opts, stage=ref.stage, tag=ref.tag, step=ref.step, checkpoint=str(ref.directory))
+                replace(opts, stage=ref.stage, tag=ref.tag, step=ref.step, checkpoint=str(ref.directory)),
+                home=home,
             )
 
-        run_tui(loaded, opts.sampling, opts.system, loader=loader)
+        run_tui(loaded, opts.sampling, opts.system, home=home, loader=loader)
 
 
 def _one_shot(loaded: Any, prompt: str, opts: Any, json_output: bool) -> None:

@@ -1,18 +1,20 @@
-"""Pieces every command module shares: the guarded Typer app class, consoles, common options."""
+"""Pieces every command module shares: the guarded Typer app class, consoles, common options, the
+artifact home of the invocation (`home_of`) and option defaults taken from the library (`field_default`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from nanoctl.errors import NanoctlError
+from nanoctl.home import Home
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,14 +85,26 @@ class App(typer.Typer):
         return decorator
 
 
-HomeOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--home",
-        help="Artifact home (default: $NANOCTL_HOME, else the user cache dir, e.g. ~/.cache/nanoctl).",
-        show_default=False,
-    ),
-]
+def home_of(ctx: typer.Context) -> Home:
+    """The artifact home of this invocation: what the root callback resolved from --home / $NANOCTL_HOME
+    and stored on the root context, or the default when no root callback ran (a sub-app invoked alone)."""
+    obj = ctx.find_root().obj
+    return obj if isinstance(obj, Home) else Home.resolve(None)
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass field `name` of `cls` (its factory called), so a CLI option's default is
+    the library's: `= field_default(DownloadOptions, "workers")`."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise TypeError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from nanoctl.cli.common import App, JsonOption, err, out
+from nanoctl.cli.common import App, JsonOption, err, field_default, home_of, out
+from nanoctl.data.download import DownloadOptions
+from nanoctl.data.ingest import IngestOptions
+
+_download = partial(field_default, DownloadOptions)  # CLI defaults are the library's
+_ingest = partial(field_default, IngestOptions)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -45,6 +51,7 @@ def _fmt_chars(n: int | None) -> str:
 
 @data_app.command("download")
 def data_download(
+    ctx: typer.Context,
     shards: Annotated[
         int,
         typer.Option(
@@ -53,8 +60,10 @@ def data_download(
             help="Train shards to fetch (0..N-1; -1 = all). The validation shard (the last index) is always "
             "added. ~100 MB and ~250M chars each; the tokenizer needs 8, nanochat's GPT-2 speedrun ~170.",
         ),
-    ] = 8,
-    workers: Annotated[int, typer.Option("--workers", "-w", help="Parallel downloads.")] = 4,
+    ] = _download("shards"),
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Parallel downloads.")] = _download(
+        "workers"
+    ),
     dataset: Annotated[
         str,
         typer.Option(
@@ -62,24 +71,26 @@ def data_download(
             help="climbmix (karpathy/climbmix-400b-shuffle, nanochat's current) or fineweb-edu "
             "(karpathy/fineweb-edu-100b-shuffle, the original).",
         ),
-    ] = "climbmix",
+    ] = _download("dataset"),
     base_url: Annotated[
         str | None,
         typer.Option(
             "--base-url", help="Fetch <URL>/shard_NNNNN.parquet instead of the Hugging Face hub (a mirror)."
         ),
-    ] = None,
+    ] = _download("base_url"),
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Directory for the shards (default: <home>/data/base).")
-    ] = None,
+    ] = _download("out"),
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait on a connection or read.")
-    ] = 30.0,
-    attempts: Annotated[int, typer.Option("--attempts", help="Tries per shard before giving up.")] = 5,
+    ] = _download("timeout"),
+    attempts: Annotated[
+        int, typer.Option("--attempts", help="Tries per shard before giving up.")
+    ] = _download("attempts"),
     retry_wait: Annotated[
         float,
         typer.Option("--retry-wait", help="Seconds before the first retry; doubles after each failure."),
-    ] = 2.0,
+    ] = _download("retry_wait"),
     json_output: JsonOption = False,
 ) -> None:
     """Download nanochat's pretraining shards (parallel, resumable, verified).
@@ -91,7 +102,7 @@ def data_download(
     """
     from rich.progress import DownloadColumn, TransferSpeedColumn
 
-    from nanoctl.data.download import DownloadOptions, download
+    from nanoctl.data.download import download
 
     opts = DownloadOptions(
         shards=shards,
@@ -116,7 +127,11 @@ def data_download(
                 err.print(f"{status} {name}")
 
         result = download(
-            opts, on_start=on_start, on_bytes=lambda n: progress.advance(data, n), on_file=on_file
+            opts,
+            on_start=on_start,
+            on_bytes=lambda n: progress.advance(data, n),
+            on_file=on_file,
+            home=home_of(ctx),
         )
     if json_output:
         out.print_json(json.dumps(result.to_dict()))
@@ -131,6 +146,7 @@ def data_download(
 
 @data_app.command("ingest")
 def data_ingest(
+    ctx: typer.Context,
     paths: Annotated[
         list[Path],
         typer.Argument(
@@ -143,35 +159,35 @@ def data_ingest(
         typer.Option(
             "--split", help="Text files: one document per 'file', or per blank-line-separated 'paragraph'."
         ),
-    ] = "file",
+    ] = _ingest("split"),
     min_chars: Annotated[
         int, typer.Option("--min-chars", help="Skip documents shorter than this many characters.")
-    ] = 1,
+    ] = _ingest("min_chars"),
     text_field: Annotated[
         str, typer.Option("--text-field", help="JSONL field / parquet column that holds the text.")
-    ] = "text",
+    ] = _ingest("text_field"),
     shard_chars: Annotated[
         int, typer.Option("--shard-chars", help="Target characters per train shard (nanochat: 250M).")
-    ] = 250_000_000,
+    ] = _ingest("shard_chars"),
     val_fraction: Annotated[
         float,
         typer.Option(
             "--val-fraction", help="Share of documents in the validation shard (the last; >= 1 document)."
         ),
-    ] = 0.05,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the document shuffle.")] = 42,
+    ] = _ingest("val_fraction"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the document shuffle.")] = _ingest("seed"),
     row_group_size: Annotated[
         int | None,
         typer.Option(
             "--row-group-size", help="Documents per parquet row group (default: ~16 groups, <= 1024)."
         ),
-    ] = None,
+    ] = _ingest("row_group_size"),
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Directory for the shards (default: <home>/data/base).")
-    ] = None,
+    ] = _ingest("out"),
     force: Annotated[
         bool, typer.Option("--force", help="Replace shards already in the output directory.")
-    ] = False,
+    ] = _ingest("force"),
     json_output: JsonOption = False,
 ) -> None:
     """Turn local text into pretraining shards (shuffled; the last shard is validation).
@@ -181,7 +197,7 @@ def data_ingest(
 
     Example: [cyan]nanoctl data ingest ./books/ notes.md --split paragraph --min-chars 200[/]
     """
-    from nanoctl.data.ingest import IngestOptions, ingest
+    from nanoctl.data.ingest import ingest
 
     opts = IngestOptions(
         paths=list(paths),
@@ -204,6 +220,7 @@ def data_ingest(
             on_start=lambda n: progress.update(task, total=n),
             on_file=lambda path, n: progress.update(task, advance=1, description=f"reading {path.name[:40]}"),
             on_shard=lambda info: progress.update(task, description=f"wrote {Path(info.path).name}"),
+            home=home_of(ctx),
         )
     if json_output:
         out.print_json(json.dumps(result.to_dict()))
@@ -228,7 +245,7 @@ def data_ingest(
 
 
 @data_app.command("ls")
-def data_ls(json_output: JsonOption = False) -> None:
+def data_ls(ctx: typer.Context, json_output: JsonOption = False) -> None:
     """List the shard directories (base, sample): shards, documents and characters per split.
 
     The `active` one is what `tok train` and `pretrain` read: base when it holds >= 2 shards, else the
@@ -240,7 +257,7 @@ def data_ls(json_output: JsonOption = False) -> None:
 
     from nanoctl.data.shards import list_data
 
-    entries = list_data()
+    entries = list_data(home_of(ctx))
     if json_output:
         out.print_json(
             json.dumps([dict(e.to_dict(), documents=e.documents, characters=e.characters) for e in entries])

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from nanoctl.cli.common import RUNTIME_PANEL, App, DeviceOption, DtypeOption, JsonOption, out
+from nanoctl.cli.common import (
+    RUNTIME_PANEL,
+    App,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    field_default,
+    home_of,
+    out,
+)
+from nanoctl.evaluate.base import BaseEvalOptions
+from nanoctl.evaluate.chat import ChatEvalOptions
+
+_base = partial(field_default, BaseEvalOptions)  # CLI defaults are the library's
+_chat = partial(field_default, ChatEvalOptions)
+_BASE_EVALS = ",".join(_base("evals"))  # --eval takes the list comma-separated
 
 eval_app = App(
     help="Evaluate checkpoints: CORE and bits-per-byte for base models, task accuracy for chat models."
@@ -15,10 +31,7 @@ eval_app = App(
 
 _M = "Model"
 _R = RUNTIME_PANEL
-Stage = Annotated[
-    str | None,
-    typer.Option(help="Checkpoint stage: base, mid, sft, rl.", rich_help_panel=_M, show_default=False),
-]
+Stage = Annotated[str, typer.Option(help="Checkpoint stage: base, mid, sft, rl.", rich_help_panel=_M)]
 Tag = Annotated[
     str | None,
     typer.Option(help="Checkpoint tag (default: the largest d<N>).", rich_help_panel=_M, show_default=False),
@@ -45,48 +58,49 @@ def _emit(result: Any, json_output: bool) -> None:
 
 @eval_app.command("base")
 def eval_base_cmd(
-    evals: Annotated[
-        str, typer.Option("--eval", help="Comma-separated: core, bpb, sample.")
-    ] = "core,bpb,sample",
-    max_per_task: Annotated[int, typer.Option(help="CORE examples per task (-1 = all).")] = -1,
+    ctx: typer.Context,
+    evals: Annotated[str, typer.Option("--eval", help="Comma-separated: core, bpb, sample.")] = _BASE_EVALS,
+    max_per_task: Annotated[int, typer.Option(help="CORE examples per task (-1 = all).")] = _base(
+        "max_per_task"
+    ),
     core_task: Annotated[
         list[str] | None,
         typer.Option("--core-task", help="Only this CORE task label (repeatable).", show_default=False),
-    ] = None,
+    ] = _base("core_tasks"),
     bundle: Annotated[
         Path | None,
         typer.Option(
             help="CORE eval bundle directory (default: <home>/eval/bundle, downloaded once).",
             show_default=False,
         ),
-    ] = None,
+    ] = _base("bundle"),
     no_download: Annotated[
         bool, typer.Option("--no-download", help="Fail instead of downloading the CORE bundle.")
-    ] = False,
+    ] = not _base("download"),
     device_batch_size: Annotated[
         int, typer.Option(help="Rows per forward (bpb batch rows; CORE rows per batch).")
-    ] = 32,
+    ] = _base("device_batch_size"),
     split_tokens: Annotated[
         int, typer.Option(help="Tokens per split for bpb (rounded down to whole batches).")
-    ] = 40 * 524288,
-    stage: Stage = "base",
-    tag: Tag = None,
-    step: Step = None,
-    checkpoint: Checkpoint = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = None,
-    no_progress: NoProgress = False,
+    ] = _base("split_tokens"),
+    stage: Stage = _base("stage"),
+    tag: Tag = _base("tag"),
+    step: Step = _base("step"),
+    checkpoint: Checkpoint = _base("checkpoint"),
+    device: DeviceOption = _base("device"),
+    dtype: DtypeOption = _base("dtype"),
+    no_progress: NoProgress = not _base("progress"),
     json_output: JsonOption = False,
 ) -> None:
     """CORE metric, train/val bits per byte and samples for a base checkpoint (writes reports/<tag>/eval_base_*).
 
     Example: [cyan]nanoctl eval base --max-per-task 100 --split-tokens 1000000[/]
     """
-    from nanoctl.evaluate.base import BaseEvalOptions, eval_base
+    from nanoctl.evaluate.base import eval_base
 
     result = eval_base(
         BaseEvalOptions(
-            stage=stage or "base",
+            stage=stage,
             tag=tag,
             step=step,
             checkpoint=str(checkpoint) if checkpoint else None,
@@ -100,7 +114,8 @@ def eval_base_cmd(
             device=device,
             dtype=dtype,
             progress=not no_progress and not json_output,
-        )
+        ),
+        home=home_of(ctx),
     )
     if json_output:
         _emit(result, True)
@@ -119,6 +134,7 @@ def eval_base_cmd(
 
 @eval_app.command("chat")
 def eval_chat_cmd(
+    ctx: typer.Context,
     task: Annotated[
         list[str] | None,
         typer.Option(
@@ -127,28 +143,30 @@ def eval_chat_cmd(
             help="Task to run (repeatable; default: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee).",
             show_default=False,
         ),
-    ] = None,
+    ] = _chat("tasks"),
     max_problems: Annotated[
         int | None,
         typer.Option("--max-problems", "-x", help="Problems per task (default: all).", show_default=False),
-    ] = None,
+    ] = _chat("max_problems"),
     num_samples: Annotated[
         int, typer.Option("--num-samples", "-n", help="Samples per generative problem (pass@n).")
-    ] = 1,
+    ] = _chat("num_samples"),
     temperature: Annotated[
         float, typer.Option(help="Sampling temperature for generative tasks (0 = greedy).")
-    ] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Top-k for generative tasks (0 = off).")] = 50,
+    ] = _chat("temperature"),
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", help="Top-k for generative tasks (0 = off).")
+    ] = _chat("top_k"),
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", "-m", help="Token budget per answer.")
-    ] = 512,
+    ] = _chat("max_new_tokens"),
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Prompts per forward for categorical tasks.")
-    ] = 8,
+    ] = _chat("batch_size"),
     data_dir: Annotated[
         Path | None,
         typer.Option(help="Directory holding task datasets (gsm8k/, mmlu/, ...).", show_default=False),
-    ] = None,
+    ] = _chat("data_dir"),
     stage: Annotated[
         str | None,
         typer.Option(
@@ -156,20 +174,20 @@ def eval_chat_cmd(
             rich_help_panel=_M,
             show_default=False,
         ),
-    ] = None,
-    tag: Tag = None,
-    step: Step = None,
-    checkpoint: Checkpoint = None,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = None,
-    no_progress: NoProgress = False,
+    ] = _chat("stage"),
+    tag: Tag = _chat("tag"),
+    step: Step = _chat("step"),
+    checkpoint: Checkpoint = _chat("checkpoint"),
+    device: DeviceOption = _chat("device"),
+    dtype: DtypeOption = _chat("dtype"),
+    no_progress: NoProgress = not _chat("progress"),
     json_output: JsonOption = False,
 ) -> None:
     """Task accuracy and ChatCORE for a chat checkpoint (writes reports/<tag>/eval_chat_*).
 
     Example: [cyan]nanoctl eval chat -t GSM8K -t MMLU --max-problems 100[/]
     """
-    from nanoctl.evaluate.chat import ChatEvalOptions, run_chat_eval
+    from nanoctl.evaluate.chat import run_chat_eval
 
     result = run_chat_eval(
         ChatEvalOptions(
@@ -188,7 +206,8 @@ def eval_chat_cmd(
             device=device,
             dtype=dtype,
             progress=not no_progress and not json_output,
-        )
+        ),
+        home=home_of(ctx),
     )
     if json_output:
         _emit(result, True)

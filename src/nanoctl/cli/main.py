@@ -6,7 +6,6 @@ the commands that need them (tests/test_cli.py checks torch stays out).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +13,7 @@ import typer
 
 from nanoctl import __version__
 from nanoctl.cli.common import App, out
+from nanoctl.home import Home
 
 app = App(
     name="nanoctl",
@@ -34,6 +34,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     home: Annotated[
         Path | None,
         typer.Option(
@@ -47,9 +48,9 @@ def main(
         bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    # Exported so library calls and spawned workers (torchrun) resolve the same home.
-    if home is not None:
-        os.environ["NANOCTL_HOME"] = str(home.expanduser().resolve())
+    # Resolved once here; every command reads it with `home_of(ctx)` and passes it down. Nothing is
+    # exported: torchrun workers get it in their own environment (dist.relaunch_with_torchrun).
+    ctx.obj = Home.resolve(home)
 
 
 def _register() -> None:

@@ -7,20 +7,24 @@ from typing import Annotated
 
 import typer
 
-from nanoctl.cli.common import JsonOption, out
+from nanoctl.cli.common import JsonOption, field_default, home_of, out
+from nanoctl.report import ReportOptions
 
 
 def report_cmd(
+    ctx: typer.Context,
     html: Annotated[
         bool, typer.Option("--html", help="Also write a single-file report.html (images inlined).")
-    ] = False,
-    open_: Annotated[bool, typer.Option("--open", help="Open the report in the web browser.")] = False,
+    ] = field_default(ReportOptions, "html"),
+    open_: Annotated[
+        bool, typer.Option("--open", help="Open the report in the web browser.")
+    ] = field_default(ReportOptions, "open"),
     output: Annotated[
         Path | None,
         typer.Option(
             "--output", "-o", help="Markdown path (default: <home>/reports/report.md).", show_default=False
         ),
-    ] = None,
+    ] = field_default(ReportOptions, "output"),
     json_output: JsonOption = False,
 ) -> None:
     """Assemble the report card: environment, training curves, bpb, CORE, chat tasks per stage, cost.
@@ -29,9 +33,9 @@ def report_cmd(
     """
     import json
 
-    from nanoctl.report import ReportOptions, generate_report
+    from nanoctl.report import generate_report
 
-    result = generate_report(ReportOptions(html=html, open=open_, output=output))
+    result = generate_report(ReportOptions(html=html, open=open_, output=output), home=home_of(ctx))
     if json_output:
         out.print_json(json.dumps(result.to_dict()))
         return

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nanoctl.cli.common import App, JsonOption, err, out
+from nanoctl.cli.common import App, JsonOption, err, field_default, home_of, out
+from nanoctl.tok_eval import TokEvalOptions
+from nanoctl.tok_train import TokTrainOptions
+
+_train = partial(field_default, TokTrainOptions)  # CLI defaults are the library's
+_eval = partial(field_default, TokEvalOptions)
 
 tok_app = App(help="The BPE tokenizer: train it on the pretraining text (Rust), measure its compression.")
 
@@ -39,10 +45,11 @@ def _fmt(n: float) -> str:
 
 @tok_app.command("train")
 def tok_train(
+    ctx: typer.Context,
     vocab_size: Annotated[
         int,
-        typer.Option("--vocab-size", help="Tokens including the 9 special ones (nanochat: 32768 = 2^15)."),
-    ] = 32768,
+        typer.Option("--vocab-size", help="Tokens including the 9 special ones (nanochat: 2^15)."),
+    ] = _train("vocab_size"),
     max_chars: Annotated[
         int,
         typer.Option(
@@ -51,10 +58,10 @@ def tok_train(
             metavar="N",
             help="Stop reading after this many characters (accepts 2e9, 2G, 500M).",
         ),
-    ] = 2_000_000_000,
+    ] = _train("max_chars"),
     doc_cap: Annotated[
         int, typer.Option("--doc-cap", help="Crop each document to this many characters.")
-    ] = 10_000,
+    ] = _train("doc_cap"),
     inputs: Annotated[
         list[Path] | None,
         typer.Option(
@@ -68,10 +75,10 @@ def tok_train(
     text_field: Annotated[
         str,
         typer.Option("--text-field", help="JSONL field / parquet column holding the text (with --input)."),
-    ] = "text",
+    ] = _train("text_field"),
     force: Annotated[
         bool, typer.Option("--force", help="Retrain even if the home already has a tokenizer.")
-    ] = False,
+    ] = _train("force"),
     json_output: JsonOption = False,
 ) -> None:
     """Train the BPE tokenizer on the train shards (the embedded sample if the home has none).
@@ -83,7 +90,7 @@ def tok_train(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from nanoctl.tok_train import TokTrainOptions, train_tokenizer
+    from nanoctl.tok_train import train_tokenizer
 
     tty = err.is_terminal
     progress = Progress(
@@ -123,7 +130,7 @@ def tok_train(
         progress=on_progress,
     )
     with progress:
-        result = train_tokenizer(opts)
+        result = train_tokenizer(opts, home=home_of(ctx))
     for note in result.notes:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if json_output:
@@ -150,12 +157,13 @@ def tok_train(
 
 @tok_app.command("eval")
 def tok_eval(
+    ctx: typer.Context,
     shards: Annotated[
         bool,
         typer.Option(
             "--shards/--no-shards", help="Also measure the first row group of the train/val shards."
         ),
-    ] = True,
+    ] = _eval("shards"),
     json_output: JsonOption = False,
 ) -> None:
     """Compression (bytes per token) on sample texts and shard rows, vs GPT-2/GPT-4 when cached offline.
@@ -164,9 +172,9 @@ def tok_eval(
     """
     from rich.table import Table
 
-    from nanoctl.tok_eval import TokEvalOptions, evaluate_tokenizer
+    from nanoctl.tok_eval import evaluate_tokenizer
 
-    result = evaluate_tokenizer(TokEvalOptions(shards=shards))
+    result = evaluate_tokenizer(TokEvalOptions(shards=shards), home=home_of(ctx))
     for note in result.notes:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if json_output:

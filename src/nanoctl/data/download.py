@@ -43,7 +43,6 @@ class DownloadOptions:
     dataset: str = "climbmix"
     base_url: str | None = None  # default https://huggingface.co/datasets/<repo>/resolve/main
     out: Path | None = None  # default <home>/data/base
-    home: Path | None = None
     timeout: float = 30.0  # seconds per connect/read
     attempts: int = 5
     retry_wait: float = 2.0  # seconds before retry k is retry_wait * 2**(k-1)
@@ -241,9 +240,15 @@ def download(
     on_start: Callable[[int, int], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_file: Callable[[str, str], None] | None = None,
+    *,
+    home: Home | str | os.PathLike[str] | None = None,
 ) -> DownloadResult:
-    """Download the shards. Callbacks: on_start(total, already_present), on_bytes(n), on_file(name, status)."""
+    """Download the shards (into `opts.out`, else `<home>/data/base`).
+
+    Callbacks: on_start(total, already_present), on_bytes(n), on_file(name, status).
+    """
     t0 = time.time()
+    home = Home.resolve(home)
     if opts.dataset not in DATASETS:
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, got {opts.dataset!r}")
     if opts.workers < 1:
@@ -253,7 +258,7 @@ def download(
     if opts.shards == 0:
         raise UsageError("--shards must be >= 1, or -1 for all")
     indices = shard_indices(opts.shards, DATASETS[opts.dataset][1])
-    out = Path(opts.out).expanduser().resolve() if opts.out else Home.resolve(opts.home).data_dir
+    out = Path(opts.out).expanduser().resolve() if opts.out else home.data_dir
     if out.exists() and not out.is_dir():
         raise NanoctlError(f"--out {out} is a file, expected a directory", "pick a directory path")
     _check_marker(out, opts.dataset)

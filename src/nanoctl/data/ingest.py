@@ -43,7 +43,6 @@ _PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
 class IngestOptions:
     paths: list[Path]
     out: Path | None = None  # default: <home>/data/base
-    home: Path | None = None
     split: str = "file"  # file | paragraph (text files only)
     min_chars: int = 1  # documents shorter than this (after stripping) are skipped
     text_field: str = "text"  # JSONL field / parquet column holding the text
@@ -255,11 +254,17 @@ def ingest(
     on_file: Callable[[Path, int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardInfo], None] | None = None,
+    *,
+    home: Home | str | os.PathLike[str] | None = None,
 ) -> IngestResult:
-    """Read, shuffle and shard the inputs. Callbacks feed a progress display (files total, per file, per shard)."""
+    """Read, shuffle and shard the inputs into `opts.out`, else `<home>/data/base`.
+
+    Callbacks feed a progress display (files total, per file, per shard).
+    """
     t0 = time.time()
     _check_options(opts)
-    out = Path(opts.out).expanduser().resolve() if opts.out else Home.resolve(opts.home).data_dir
+    home = Home.resolve(home)
+    out = Path(opts.out).expanduser().resolve() if opts.out else home.data_dir
     _prepare_out(out, opts.force)  # fail before reading gigabytes
     files, skipped = expand_inputs(opts.paths)
     files = [f for f in files if out not in f.resolve().parents]  # never re-read our own output shards

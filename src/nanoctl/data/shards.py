@@ -166,8 +166,8 @@ def iter_shard_texts(paths: Iterable[str | os.PathLike[str]], start: int = 0, st
 
 
 def iter_texts(
-    split: str = "train",
-    home: str | os.PathLike[str] | None = None,
+    split: str,
+    home: Home,
     doc_cap: int | None = None,
     max_chars: int | None = None,
 ) -> Iterator[str]:
@@ -395,14 +395,13 @@ def _swap_in(staging: Path, target: Path, target_ok: Any) -> None:
     os.rename(staging, target)
 
 
-def resolve_pretrain_shards(home: str | os.PathLike[str] | None = None) -> ShardSet:
+def resolve_pretrain_shards(home: Home) -> ShardSet:
     """`<home>/data/base` when it holds >= 2 shards, else the embedded sample under `<home>/data/sample`."""
-    h = Home.resolve(home)
-    base = list_shards(h.data_dir)
+    base = list_shards(home.data_dir)
     if len(base) >= 2:
-        return ShardSet(h.data_dir, tuple(base), is_sample=False)
-    paths = materialize_sample(h.sample_data_dir)
-    return ShardSet(h.sample_data_dir, tuple(paths), is_sample=True)
+        return ShardSet(home.data_dir, tuple(base), is_sample=False)
+    paths = materialize_sample(home.sample_data_dir)
+    return ShardSet(home.sample_data_dir, tuple(paths), is_sample=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,9 +472,10 @@ def summarize_shard_dir(name: str, directory: str | os.PathLike[str]) -> ShardDi
     return s
 
 
-def list_data(home: str | os.PathLike[str] | None = None) -> list[ShardDirSummary]:
+def list_data(home: Home | str | os.PathLike[str] | None = None) -> list[ShardDirSummary]:
     """The base and sample shard directories; `active` marks the one `resolve_pretrain_shards` picks
-    (the sample counts as active before it is materialized, since it would be)."""
+    (the sample counts as active before it is materialized, since it would be). An entry point
+    (`nanoctl data ls`): `home` is resolved here."""
     h = Home.resolve(home)
     base = summarize_shard_dir("base", h.data_dir)
     sample = summarize_shard_dir("sample", h.sample_data_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoctl.errors import UsageError
+from nanoctl.home import Home
 
 BASE_EVALS = ("core", "bpb", "sample")
 # nanochat base_eval's conditioned prompts (greedy, 16 tokens each).
@@ -46,7 +47,6 @@ class BaseEvalOptions:
     unconditioned_tokens: int = 128
     device: str = "auto"
     dtype: str | None = None
-    home: str | os.PathLike[str] | None = None
     write: bool = True
     progress: bool = True
 
@@ -82,7 +82,7 @@ def _validate(opts: BaseEvalOptions) -> None:
         raise UsageError(f"--max-per-task {opts.max_per_task} must be a positive count (or -1 for all)")
 
 
-def load_token_bytes_for(ref_dir: Path, home: Any, device: Any) -> Any:
+def load_token_bytes_for(ref_dir: Path, home: Home, device: Any) -> Any:
     """token_bytes saved next to the checkpoint (exact match with its tokenizer), else the home's."""
     import torch
 
@@ -137,9 +137,13 @@ def sample_texts(model: Any, tokenizer: Any, opts: BaseEvalOptions) -> list[str]
     return out
 
 
-def eval_base(opts: BaseEvalOptions) -> BaseEvalResult:
-    """Load the checkpoint, run the requested evals, write `<home>/reports/<tag>/eval_base_*.{json,md}`."""
+def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | None = None) -> BaseEvalResult:
+    """Load the checkpoint, run the requested evals, write `<home>/reports/<tag>/eval_base_*.{json,md}`.
+
+    An entry point: `home` is resolved here.
+    """
     _validate(opts)
+    home = Home.resolve(home)
     import torch
 
     from nanoctl import dist
@@ -162,7 +166,7 @@ def eval_base(opts: BaseEvalOptions) -> BaseEvalResult:
             fetch.update(min(done, max(total, 1)), f"{done / 2**20:.1f} MiB")
 
         try:
-            bundle_dir = resolve_bundle(opts.bundle, opts.home, download=opts.download, progress=on_bytes)
+            bundle_dir = resolve_bundle(opts.bundle, home=home, download=opts.download, progress=on_bytes)
         finally:
             fetch.close()
     info = dist.init_distributed(opts.device)
@@ -170,10 +174,10 @@ def eval_base(opts: BaseEvalOptions) -> BaseEvalResult:
     ref = (
         resolve_checkpoint_path(opts.checkpoint, opts.step)
         if opts.checkpoint
-        else find_checkpoint(opts.stage, opts.tag, opts.step, opts.home)
+        else find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
     )
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
-    model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=opts.home)
+    model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
     model.eval()
     progress = EvalProgress(enabled=opts.progress and master)
     result = BaseEvalResult(stage=ref.stage, tag=ref.tag, step=ref.step)
@@ -211,8 +215,8 @@ def eval_base(opts: BaseEvalOptions) -> BaseEvalResult:
         if "bpb" in opts.evals:
             from nanoctl.data.shards import resolve_pretrain_shards
 
-            shards = resolve_pretrain_shards(opts.home)
-            token_bytes = load_token_bytes_for(ref.directory, opts.home, info.device)
+            shards = resolve_pretrain_shards(home)
+            token_bytes = load_token_bytes_for(ref.directory, home, info.device)
             for split, paths in (("train", shards.train_paths), ("val", [shards.val_path])):
                 progress.start(f"bpb {split}", 1)
                 bpb, tokens = evaluate_split_bpb(
@@ -256,7 +260,7 @@ def eval_base(opts: BaseEvalOptions) -> BaseEvalResult:
         hardware=hardware_info(info.device),
     )
     if opts.write and master:
-        j, m = write_record(record, opts.home)
+        j, m = write_record(record, home)
         result.json_path, result.markdown_path = str(j), str(m)
     result.record = record.to_dict()
     return result

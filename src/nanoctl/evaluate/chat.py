@@ -20,6 +20,7 @@ from typing import Any
 
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 
 ProgressFn = Callable[[int, int, float], None]  # (problems done, total, running accuracy)
 CHAT_STAGES = ("rl", "sft", "mid")  # default: the newest of these
@@ -41,7 +42,6 @@ class ChatEvalOptions:
     data_dir: str | None = None
     device: str = "auto"
     dtype: str | None = None
-    home: str | os.PathLike[str] | None = None
     write: bool = True
     progress: bool = True
 
@@ -230,7 +230,7 @@ def run_generative(
     return solved, total, [p / total if total else float("nan") for p in summed[2:]]
 
 
-def build_tasks(names: Sequence[str], data_dir: str | None, home: Any) -> list[tuple[str, Any, Any]]:
+def build_tasks(names: Sequence[str], data_dir: str | None, home: Home) -> list[tuple[str, Any, Any]]:
     """(canonical name, task, TaskInfo) per requested name; unknown names list the valid ones."""
     from nanoctl.tasks import TASK_INFO, TASKS, get_task
 
@@ -248,16 +248,16 @@ def build_tasks(names: Sequence[str], data_dir: str | None, home: Any) -> list[t
     return out
 
 
-def resolve_chat_checkpoint(opts: ChatEvalOptions) -> Any:
+def resolve_chat_checkpoint(opts: ChatEvalOptions, home: Home) -> Any:
     from nanoctl.checkpoint import find_checkpoint, resolve_checkpoint_path
 
     if opts.checkpoint:
         return resolve_checkpoint_path(opts.checkpoint, opts.step)
     if opts.stage:
-        return find_checkpoint(opts.stage, opts.tag, opts.step, opts.home)
+        return find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
     for stage in CHAT_STAGES:
         try:
-            return find_checkpoint(stage, opts.tag, opts.step, opts.home)
+            return find_checkpoint(stage, opts.tag, opts.step, home=home)
         except NanoctlError:
             continue
     raise NanoctlError(
@@ -281,14 +281,20 @@ def _validate(opts: ChatEvalOptions) -> None:
         raise UsageError(f"--max-new-tokens {opts.max_new_tokens} must be >= 1")
 
 
-def run_chat_eval(opts: ChatEvalOptions) -> ChatEvalResult:
-    """Evaluate a chat checkpoint on the tasks; writes `<home>/reports/<tag>/eval_chat_<stage>_<step>.*`."""
+def run_chat_eval(
+    opts: ChatEvalOptions, *, home: Home | str | os.PathLike[str] | None = None
+) -> ChatEvalResult:
+    """Evaluate a chat checkpoint on the tasks; writes `<home>/reports/<tag>/eval_chat_<stage>_<step>.*`.
+
+    An entry point: `home` is resolved here.
+    """
     _validate(opts)
     from nanoctl.tasks import CHAT_EVAL_TASKS
 
+    home = Home.resolve(home)
     names = list(opts.tasks) if opts.tasks else list(CHAT_EVAL_TASKS)
-    tasks = build_tasks(names, opts.data_dir, opts.home)  # before the model: bad names/data fail fast
-    ref = resolve_chat_checkpoint(opts)
+    tasks = build_tasks(names, opts.data_dir, home)  # before the model: bad names/data fail fast
+    ref = resolve_chat_checkpoint(opts, home)
 
     from nanoctl import dist
     from nanoctl.checkpoint import load_model
@@ -300,7 +306,7 @@ def run_chat_eval(opts: ChatEvalOptions) -> ChatEvalResult:
     t0 = time.perf_counter()
     info = dist.init_distributed(opts.device)
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
-    model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=opts.home)
+    model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
     model.eval()
     engine = Engine(model, tokenizer)
     sampling = SamplingParams(
@@ -386,6 +392,6 @@ def run_chat_eval(opts: ChatEvalOptions) -> ChatEvalResult:
         hardware=hardware_info(info.device),
     )
     if opts.write and info.is_master:
-        j, m = write_record(record, opts.home)
+        j, m = write_record(record, home)
         result.json_path, result.markdown_path = str(j), str(m)
     return result

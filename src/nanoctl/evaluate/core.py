@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -152,19 +153,18 @@ def download_bundle(
 
 def resolve_bundle(
     bundle: str | Path | None = None,
-    home: str | Path | None = None,
+    *,
+    home: Home,
     download: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """--bundle PATH > <home>/eval/bundle > download once into <home>/eval/bundle."""
-    from nanoctl.home import Home
-
     if bundle is not None:
         path = Path(bundle).expanduser()
         if not path.exists():
             raise NanoctlError(f"--bundle {path}: no such directory", f"unzip {BUNDLE_URL} there")
         return path
-    dest = Home.resolve(home).eval_bundle_dir
+    dest = home.eval_bundle_dir
     if _looks_like_bundle(dest):
         return dest
     if not download:

@@ -134,13 +134,13 @@ def model_summary(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_record(record: EvalRecord, home: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
+def write_record(record: EvalRecord, home: Home) -> tuple[Path, Path]:
     """Write `<stem>.json` and `<stem>.md` under `<home>/reports/<tag>/`; returns both paths."""
     from nanoctl import __version__
 
     record.created = record.created or now_iso()
     record.nanoctl_version = record.nanoctl_version or __version__
-    directory = Home.resolve(home).report_dir(record.tag)
+    directory = home.report_dir(record.tag)
     json_path = directory / f"{record.stem()}.json"
     md_path = directory / f"{record.stem()}.md"
     atomic_write_json(json_path, record.to_dict())
@@ -148,9 +148,9 @@ def write_record(record: EvalRecord, home: str | os.PathLike[str] | None = None)
     return json_path, md_path
 
 
-def load_records(home: str | os.PathLike[str] | None = None) -> list[EvalRecord]:
+def load_records(home: Home) -> list[EvalRecord]:
     """Every eval record under `<home>/reports/*/`, oldest first (unreadable files are skipped)."""
-    root = Home.resolve(home).reports_root
+    root = home.reports_root
     records = []
     for path in sorted(root.glob("*/eval_*.json")):
         try:

@@ -56,7 +56,7 @@ class ARC(LocalOrHub):
         *,
         path: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
-        home: str | os.PathLike[str] | None = None,
+        home: Home | None = None,
         **kwargs: Any,
     ) -> None:
         if subset not in SUBSETS:
@@ -77,10 +77,8 @@ class ARC(LocalOrHub):
         if split == "test":  # the CORE bundle's ARC files are the test splits
             cands += [f"eval_bundle/eval_data/world_knowledge/arc_{short}.jsonl", f"arc_{short}.jsonl"]
         local = Path(path) if path else find_local(cands, data_dir, home)
-        if local is None and split == "test":
-            bundled = (
-                Home.resolve(home).eval_bundle_dir / "eval_data" / "world_knowledge" / f"arc_{short}.jsonl"
-            )
+        if local is None and split == "test" and home is not None:
+            bundled = home.eval_bundle_dir / "eval_data" / "world_knowledge" / f"arc_{short}.jsonl"
             local = bundled if bundled.exists() else None
         if local is not None:
             rows: Any = local_rows(local)

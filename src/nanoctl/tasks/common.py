@@ -4,7 +4,7 @@ A Task is a sliceable, indexable dataset of conversations (`{"messages": [...]}`
 for evaluation tasks, a scorer: `evaluate(conversation, response)` and `reward(conversation, response)`.
 
 Data is found, in order: an explicit path argument > `data_dir` (the `--data-dir` flag) >
-`$NANOCTL_TASK_DATA` > `<home>/data/tasks/` (ingested copies) > the HF hub through `datasets` (imported
+`$NANOCTL_TASK_DATA` > `<home>/data/tasks/` (ingested copies; searched when a `home=` Home is given) > the HF hub through `datasets` (imported
 lazily; not a hard dependency). Rows loaded from local files are shuffled with the same permutation
 `datasets.Dataset.shuffle(seed=42)` uses (numpy `default_rng(42).permutation(n)`), so a local copy of a
 hub split yields the same example order as nanochat.
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 
 Conversation = dict[str, Any]
 TASK_DATA_ENV = "NANOCTL_TASK_DATA"
@@ -196,26 +197,23 @@ def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> 
 # Locating and reading data
 
 
-def search_dirs(
-    data_dir: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None
-) -> list[Path]:
-    """Directories searched for task files, most specific first."""
-    from nanoctl.home import Home
-
+def search_dirs(data_dir: str | os.PathLike[str] | None = None, home: Home | None = None) -> list[Path]:
+    """Directories searched for task files, most specific first (`<home>/data/tasks/` when a home is given)."""
     dirs: list[Path] = []
     if data_dir:
         dirs.append(Path(data_dir).expanduser())
     env = os.environ.get(TASK_DATA_ENV)
     if env:
         dirs.append(Path(env).expanduser())
-    dirs.append(Home.resolve(home).tasks_dir)
+    if home is not None:
+        dirs.append(home.tasks_dir)
     return dirs
 
 
 def find_local(
     candidates: Sequence[str],
     data_dir: str | os.PathLike[str] | None = None,
-    home: str | os.PathLike[str] | None = None,
+    home: Home | None = None,
 ) -> Path | None:
     """The first existing `dir/candidate` over `search_dirs`; candidates may be globs (first sorted match)."""
     for d in search_dirs(data_dir, home):
@@ -233,7 +231,7 @@ def missing_dataset(
     what: str,
     expected: str,
     data_dir: str | os.PathLike[str] | None,
-    home: str | os.PathLike[str] | None,
+    home: Home | None,
     why: str,
 ) -> NanoctlError:
     looked = ", ".join(str(d) for d in search_dirs(data_dir, home))
@@ -252,7 +250,7 @@ def load_hub(
     what: str,
     expected: str,
     data_dir: str | os.PathLike[str] | None = None,
-    home: str | os.PathLike[str] | None = None,
+    home: Home | None = None,
 ) -> Rows:
     """`datasets.load_dataset(repo, subset, split=split).shuffle(seed=42)`, with one-line offline errors."""
     try:

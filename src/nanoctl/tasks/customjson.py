@@ -8,6 +8,7 @@ from typing import Any
 
 from nanoctl.conversations import load_conversations
 from nanoctl.errors import NanoctlError
+from nanoctl.home import Home
 from nanoctl.tasks.common import Conversation, Task, find_local
 
 IDENTITY_CANDIDATES = ("identity/identity_conversations.jsonl", "identity_conversations.jsonl")
@@ -32,15 +33,11 @@ class CustomJSON(Task):
         return self.conversations[index]
 
 
-def identity_path(
-    data_dir: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None
-) -> Path | None:
+def identity_path(data_dir: str | os.PathLike[str] | None = None, home: Home | None = None) -> Path | None:
     """Where the identity conversations live, if anywhere: data dirs, then `<home>/identity_conversations.jsonl`."""
     found = find_local(IDENTITY_CANDIDATES, data_dir, home)
-    if found is None:
-        from nanoctl.home import Home
-
-        legacy = Home.resolve(home).root / "identity_conversations.jsonl"  # where nanochat keeps it
+    if found is None and home is not None:
+        legacy = home.root / "identity_conversations.jsonl"  # where nanochat keeps it
         found = legacy if legacy.exists() else None
     return found
 
@@ -48,7 +45,7 @@ def identity_path(
 def Identity(
     *,
     data_dir: str | os.PathLike[str] | None = None,
-    home: str | os.PathLike[str] | None = None,
+    home: Home | None = None,
     **kwargs: Any,
 ) -> CustomJSON:
     """nanochat's identity conversations (about 1K synthetic chats teaching the model who it is)."""

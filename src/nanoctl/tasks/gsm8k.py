@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoctl.errors import UsageError
+from nanoctl.home import Home
 from nanoctl.tasks.common import Conversation, LocalOrHub, extract_answer, find_local, load_hub, local_rows
 
 TOOL_RE = re.compile(r"(<<[^>]+>>)")
@@ -53,7 +54,7 @@ class GSM8K(LocalOrHub):
         *,
         path: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
-        home: str | os.PathLike[str] | None = None,
+        home: Home | None = None,
         **kwargs: Any,
     ) -> None:
         if subset not in ("main", "socratic"):

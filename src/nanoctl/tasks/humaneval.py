@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nanoctl.home import Home
 from nanoctl.tasks.common import Conversation, LocalOrHub, find_local, hub_permutation, load_hub, read_records
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -53,7 +54,7 @@ class HumanEval(LocalOrHub):
         *,
         path: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
-        home: str | os.PathLike[str] | None = None,
+        home: Home | None = None,
         timeout: float = 5.0,
         **kwargs: Any,
     ) -> None:

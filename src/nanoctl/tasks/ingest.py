@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoctl.errors import NanoctlError
+from nanoctl.home import Home
 
 # Relative globs of the files the task loaders understand.
 PATTERNS = (
@@ -39,18 +40,22 @@ PATTERNS = (
 
 
 def ingest_task_data(
-    source: str | os.PathLike[str], home: str | os.PathLike[str] | None = None
+    source: str | os.PathLike[str], home: Home | str | os.PathLike[str] | None = None
 ) -> list[Path]:
-    """Copy every recognized dataset file under `source` into `<home>/data/tasks/`; returns the copies."""
+    """Copy every recognized dataset file under `source` into `<home>/data/tasks/`; returns the copies.
+
+    An entry point (`nanoctl tasks ingest`): `home` is resolved here.
+    """
     from nanoctl.atomic import atomic_path
-    from nanoctl.home import Home
+
+    home = Home.resolve(home)
 
     src = Path(source).expanduser()
     if not src.is_dir():
         raise NanoctlError(
             f"{src} is not a directory", "pass the directory holding gsm8k/, mmlu/, identity/, ..."
         )
-    dest_root = Home.resolve(home).tasks_dir
+    dest_root = home.tasks_dir
     copied: list[Path] = []
     seen: set[Path] = set()
     for pattern in PATTERNS:
@@ -85,13 +90,18 @@ class TaskAvailability:
 
 
 def task_availability(
-    data_dir: str | os.PathLike[str] | None = None, home: str | os.PathLike[str] | None = None
+    data_dir: str | os.PathLike[str] | None = None, home: Home | str | os.PathLike[str] | None = None
 ) -> list[TaskAvailability]:
-    """Try to load each registered task's eval split (and the train split) locally."""
+    """Try to load each registered task's eval split (and the train split) locally.
+
+    An entry point (`nanoctl tasks list`): `home` is resolved here.
+    """
     import re
     import sys
 
     from nanoctl.tasks import TASK_INFO, TASKS, get_task
+
+    home = Home.resolve(home)
 
     rows: list[TaskAvailability] = []
     saved = sys.modules.get("datasets", ...)

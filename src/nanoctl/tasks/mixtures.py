@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 from nanoctl.tasks.common import Task, TaskMixture, TaskSlice
 
 PathLike = str | os.PathLike[str]
@@ -85,7 +86,7 @@ Builder = Callable[[], Task]
 
 
 def _sources(
-    stage: str, split: str, data_dir: PathLike | None, home: PathLike | None
+    stage: str, split: str, data_dir: PathLike | None, home: Home | None
 ) -> list[tuple[str, Builder, int]]:
     """(name, builder, repeat) per source of nanochat's OLD mixtures."""
     from nanoctl.tasks.arc import ARC
@@ -149,7 +150,7 @@ def build_mixture(
     stage: str,
     *,
     data_dir: PathLike | None = None,
-    home: PathLike | None = None,
+    home: Home | None = None,
     data: Sequence[PathLike] = (),
     mix: bool = False,
     val_holdout: int | None = None,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 from nanoctl.tasks.common import (
     Conversation,
     LocalOrHub,
@@ -96,7 +97,7 @@ class MMLU(LocalOrHub):
         *,
         path: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
-        home: str | os.PathLike[str] | None = None,
+        home: Home | None = None,
         **kwargs: Any,
     ) -> None:
         if subset not in ("all", "auxiliary_train"):

@@ -11,6 +11,7 @@ from typing import Any
 
 from nanoctl.conversations import validate_conversation
 from nanoctl.errors import UsageError
+from nanoctl.home import Home
 from nanoctl.tasks.common import Conversation, LocalOrHub, find_local, load_hub, local_rows
 
 
@@ -24,7 +25,7 @@ class SmolTalk(LocalOrHub):
         *,
         path: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
-        home: str | os.PathLike[str] | None = None,
+        home: Home | None = None,
         **kwargs: Any,
     ) -> None:
         if split not in ("train", "test"):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.home import Home
 from nanoctl.tasks.common import Conversation, Task, extract_answer, find_local
 
 LETTERS = string.ascii_lowercase
@@ -90,14 +91,12 @@ _WORDS_CACHE: dict[Path, list[str]] = {}
 def load_words(
     words: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
-    home: str | os.PathLike[str] | None = None,
+    home: Home | None = None,
 ) -> list[str]:
     """The word list, one word a line (CRLF tolerated); cached per path."""
-    from nanoctl.home import Home
-
     path = Path(words).expanduser() if words else find_local(WORDS_CANDIDATES, data_dir, home)
-    if path is None:
-        legacy = Home.resolve(home).root / "words_alpha.txt"
+    if path is None and home is not None:
+        legacy = home.root / "words_alpha.txt"
         path = legacy if legacy.exists() else None
     if path is None or not path.is_file():
         raise NanoctlError(
@@ -120,7 +119,7 @@ class _WordTask(Task):
         *,
         words: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
-        home: str | os.PathLike[str] | None = None,
+        home: Home | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

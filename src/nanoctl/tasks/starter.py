@@ -7,7 +7,6 @@ them (identity conversations, SpellingBee's word list) work offline on a fresh h
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -22,9 +21,9 @@ STARTER_TASK_FILES = {
 }
 
 
-def install_starter_task_data(home: str | os.PathLike[str] | None = None) -> list[Path]:
+def install_starter_task_data(home: Home) -> list[Path]:
     """Unpack the bundled identity conversations and word list under <home>/data/tasks/ (once)."""
-    tasks_dir = Home.resolve(home).tasks_dir
+    tasks_dir = home.tasks_dir
     written = []
     for packaged, target in STARTER_TASK_FILES.items():
         dest = tasks_dir / target
