@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 
 from nanoctl.cli import app
 from nanoctl.errors import NanoctlError, UsageError
-from nanoctl.train import loop as L
-from nanoctl.train.base import PretrainOptions, plan_pretrain, pretrain
+from nanoctl.train.pretrain import PretrainOptions, plan_pretrain, pretrain
+from nanoctl.train.progress import LossEMA
+from nanoctl.train.runtime import LossScaler
+from nanoctl.train.schedules import lr_multiplier, muon_momentum, muon_weight_decay
 
 runner = CliRunner()
 TAG = "tiny"
@@ -140,20 +142,20 @@ def test_plan_rejects_head_math_that_does_not_divide() -> None:
 
 def test_schedules() -> None:
     n = 1000
-    assert L.lr_multiplier(0, n, 40, 0.65, 0.05) == pytest.approx(1 / 40)
-    assert L.lr_multiplier(39, n, 40, 0.65, 0.05) == 1.0
-    assert L.lr_multiplier(350, n, 40, 0.65, 0.05) == 1.0
-    assert L.lr_multiplier(1000, n, 40, 0.65, 0.05) == pytest.approx(0.05)
-    assert L.lr_multiplier(675, n, 40, 0.65, 0.05) == pytest.approx(0.5 + 0.5 * 0.05)
-    assert L.muon_momentum(0, 2000, 0.65) == pytest.approx(0.85)
-    assert L.muon_momentum(200, 2000, 0.65) == pytest.approx(0.91)
-    assert L.muon_momentum(400, 2000, 0.65) == pytest.approx(0.97)
-    assert L.muon_momentum(1350, 2000, 0.65) == pytest.approx(0.935)
-    assert L.muon_momentum(2000, 2000, 0.65) == pytest.approx(0.90)
-    assert L.muon_weight_decay(0, n, 0.2) == pytest.approx(0.2)
-    assert L.muon_weight_decay(500, n, 0.2) == pytest.approx(0.1)
-    assert L.muon_weight_decay(1000, n, 0.2) == pytest.approx(0.0, abs=1e-12)
-    ema = L.LossEMA()
+    assert lr_multiplier(0, n, 40, 0.65, 0.05) == pytest.approx(1 / 40)
+    assert lr_multiplier(39, n, 40, 0.65, 0.05) == 1.0
+    assert lr_multiplier(350, n, 40, 0.65, 0.05) == 1.0
+    assert lr_multiplier(1000, n, 40, 0.65, 0.05) == pytest.approx(0.05)
+    assert lr_multiplier(675, n, 40, 0.65, 0.05) == pytest.approx(0.5 + 0.5 * 0.05)
+    assert muon_momentum(0, 2000, 0.65) == pytest.approx(0.85)
+    assert muon_momentum(200, 2000, 0.65) == pytest.approx(0.91)
+    assert muon_momentum(400, 2000, 0.65) == pytest.approx(0.97)
+    assert muon_momentum(1350, 2000, 0.65) == pytest.approx(0.935)
+    assert muon_momentum(2000, 2000, 0.65) == pytest.approx(0.90)
+    assert muon_weight_decay(0, n, 0.2) == pytest.approx(0.2)
+    assert muon_weight_decay(500, n, 0.2) == pytest.approx(0.1)
+    assert muon_weight_decay(1000, n, 0.2) == pytest.approx(0.0, abs=1e-12)
+    ema = LossEMA()
     assert ema.update(4.0) == pytest.approx(4.0)  # debiased: the first value is exact
     assert ema.update(2.0) == pytest.approx((0.9 * 0.1 * 4 + 0.1 * 2) / (1 - 0.81))
 
@@ -164,12 +166,12 @@ def test_dry_run_prints_plan_and_torchrun_command(home: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert out["plan"]["depth"] == 12 and out["plan"]["world_size"] == 2
+    assert out["details"]["depth"] == 12 and out["details"]["world_size"] == 2
     assert (
         "torch.distributed.run --nproc-per-node=2 --standalone -m nanoctl pretrain"
-        in out["plan"]["torchrun_command"]
+        in out["details"]["torchrun_command"]
     )
-    assert "--dry-run" not in out["plan"]["torchrun_command"].split(" -m nanoctl ")[1]
+    assert "--dry-run" not in out["details"]["torchrun_command"].split(" -m nanoctl ")[1]
     assert "FLOPs/token" in res.stderr and "grad accum" in res.stderr
     assert not (home / "checkpoints").exists()
 
@@ -338,11 +340,11 @@ def test_loss_scaler_skips_overflow_halves_and_grows() -> None:
 
     w = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([w], lr=0.1)
-    off = L.LossScaler(False)
+    off = LossScaler(False)
     loss = (w * 3).sum()
     assert off.scale_loss(loss) is loss and off.unscale_and_check(opt) and off.state_dict() == {}
 
-    scaler = L.LossScaler(True, growth_interval=2)
+    scaler = LossScaler(True, growth_interval=2)
     assert scaler.scale == 2.0**16
     scaler.scale_loss((w * 3).sum()).backward()
     assert scaler.unscale_and_check(opt)
@@ -353,7 +355,7 @@ def test_loss_scaler_skips_overflow_halves_and_grows() -> None:
         w.grad = torch.ones(4)
         assert scaler.unscale_and_check(opt)
     assert scaler.scale == 2.0**16  # grew after growth_interval clean steps
-    again = L.LossScaler(True, scaler.state_dict())
+    again = LossScaler(True, scaler.state_dict())
     assert (again.scale, again.good_steps) == (scaler.scale, scaler.good_steps)
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from nanoctl.errors import UsageError
 from nanoctl.home import Home
-from nanoctl.tasks.starter import install_starter_task_data
 
 PIPELINE_STAGES = ("tok", "pretrain", "mid", "sft", "eval", "report", "chat")
 DEMO_PROMPT = "Who are you?"
@@ -92,25 +91,23 @@ def run_pipeline(
         return f"vocab {r.vocab_size} trained on {r.characters:,} chars from the {r.source}"
 
     def pretrain() -> str:
-        from nanoctl.train.base import PretrainOptions
-        from nanoctl.train.base import pretrain as run
+        from nanoctl.train.pretrain import PretrainOptions
+        from nanoctl.train.pretrain import pretrain as run
 
-        r = run(PretrainOptions(depth=opts.depth, device=opts.device, force=opts.force, home=home))
+        r = run(PretrainOptions(depth=opts.depth, device=opts.device, force=opts.force), home)
         return _describe(r)
 
     def mid() -> str:
         from nanoctl.train.mid import MidOptions
         from nanoctl.train.mid import mid as run
 
-        install_starter_task_data(home)
-        return _describe(run(MidOptions(device=opts.device, force=opts.force, home=home)))
+        return _describe(run(MidOptions(device=opts.device, force=opts.force), home))
 
     def sft() -> str:
         from nanoctl.train.sft import SFTOptions
         from nanoctl.train.sft import sft as run
 
-        install_starter_task_data(home)
-        return _describe(run(SFTOptions(device=opts.device, force=opts.force, home=home)))
+        return _describe(run(SFTOptions(device=opts.device, force=opts.force), home))
 
     def evaluate() -> str:
         from nanoctl.errors import NanoctlError

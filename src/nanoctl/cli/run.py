@@ -6,10 +6,11 @@ from typing import Annotated
 
 import typer
 
-from nanoctl.cli.common import JsonOption, err, out
+from nanoctl.cli.common import JsonOption, err, home_of, out
 
 
 def run_command(
+    ctx: typer.Context,
     stages: Annotated[
         list[str] | None,
         typer.Option(
@@ -55,7 +56,7 @@ def run_command(
         force=force,
         prompt=prompt,
     )
-    result = run_pipeline(opts, say=lambda line: err.print(line, soft_wrap=True))
+    result = run_pipeline(opts, say=lambda line: err.print(line, soft_wrap=True), home=home_of(ctx))
     if json_output:
         out.print_json(
             json.dumps(

@@ -13,47 +13,58 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from nanoctl.errors import Interrupted, NanoctlError, UsageError
-from nanoctl.train.post import RENDER_ALL, PostOptions, StageResult, say
-
-GPU_DEFAULTS: dict[str, Any] = dict(
-    device_batch_size=32, total_batch_size=524288, num_iterations=-1, eval_every=150, eval_tokens=20 * 524288
-)
-CPU_PRESET: dict[str, Any] = dict(
-    device_batch_size=4, total_batch_size=-1, num_iterations=30, eval_every=15, eval_tokens=-1
-)
+from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, apply_preset, option
+from nanoctl.tokenizer import RENDER_ALL
+from nanoctl.train.parent import PostOptions, PostStage, lineage
+from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
 @dataclass
 class MidOptions(PostOptions):
-    """Options of `nanoctl mid`. None = device default (GPU_DEFAULTS on CUDA, else CPU_PRESET)."""
+    """Options of `nanoctl mid`. None = the device preset (GPU_PRESET on CUDA, else CPU_PRESET)."""
 
-    data_dir: str | None = None
-    data: list[str] = field(default_factory=list)
-    mix: bool = False
-    num_iterations: int | None = None  # -1 = one epoch over the mixture
-    device_batch_size: int | None = None
-    total_batch_size: int | None = None  # tokens per step; -1 = one micro-batch per process
-    max_seq_len: int | None = None  # default: the model's context
-    unembedding_lr: float = 0.004
-    embedding_lr: float = 0.2
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    init_lr_frac: float = 1.0
-    eval_every: int | None = None
-    eval_tokens: int | None = None  # -1 = 4 micro-batches per process
-    val_holdout: int | None = None
-    compile: str = "auto"  # fixed (B, T) blocks: compiling on CUDA pays off
-    train_task: Any = None  # library only: a Task instead of the mixture
-    val_task: Any = None
+    data_dir: str | None = option(
+        None, help="Directory holding task datasets in their original formats (gsm8k/train.jsonl, mmlu/test/*.csv, ...).",
+        panel=DATA,
+    )
+    data: list[str] = option(
+        help='Conversations JSONL (one {"messages": [...]} or message list per line); repeatable.'
+        " Replaces the mixture unless --mix.", panel=DATA, factory=list,
+    )
+    mix: bool = option(False, help="Add --data to the stage's task mixture instead of replacing it.", panel=DATA)
+    val_holdout: int | None = option(
+        None, help="Hold out this many training conversations as validation when the mixture has no val split.",
+        panel=DATA,
+    )
+    num_iterations: int | None = option(None, help="Optimizer steps; -1 = one epoch over the mixture.", panel=OPTIMIZATION)
+    device_batch_size: int | None = option(None, help="Rows per forward pass per process.", panel=OPTIMIZATION)
+    total_batch_size: int | None = option(
+        None, help="Tokens per optimizer step; -1 = one micro-batch per process.", unit="tokens", panel=OPTIMIZATION
+    )
+    max_seq_len: int | None = option(None, help="Tokens per row (unset: the model's context).", unit="tokens", panel=OPTIMIZATION)
+    embedding_lr: float = option(0.2, help="AdamW LR of the token embedding.", panel=OPTIMIZATION)
+    unembedding_lr: float = option(0.004, help="AdamW LR of the output head.", panel=OPTIMIZATION)
+    matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
+    scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
+    weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
+    init_lr_frac: float = option(1.0, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
+    eval_every: int | None = option(None, help="Val bpb every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
+    eval_tokens: int | None = option(None, help="Val tokens per eval (-1 = 4 micro-batches).", unit="tokens", panel=OUTPUT)
+    train_task: Any = option(None, help="A Task to train on instead of the mixture.", cli=False)
+    val_task: Any = option(None, help="A Task to validate on.", cli=False)
+
+
+GPU_PRESET = MidOptions(
+    device_batch_size=32, total_batch_size=524288, num_iterations=-1, eval_every=150, eval_tokens=20 * 524288
+)
+CPU_PRESET = MidOptions(device_batch_size=4, total_batch_size=-1, num_iterations=30, eval_every=15, eval_tokens=-1)
+PRESETS = {"CUDA": GPU_PRESET, "CPU": CPU_PRESET}
 
 
 class MidBatches:
@@ -121,301 +132,141 @@ def muon_momentum(step: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def mid(opts: MidOptions) -> StageResult:
-    """Mid-train the base model; see the module docstring."""
-    from nanoctl.train.post import run_stage
-
-    return run_stage("mid", opts, _run)
-
-
-def _run(opts: MidOptions, info: Any, wall0: float) -> StageResult:
-    import torch
-
-    from nanoctl.device import resolve_device
-    from nanoctl.dist import all_reduce_mean
-    from nanoctl.tasks.mixtures import Mixture, build_mixture
-    from nanoctl.train import loop as L
-    from nanoctl.train import post as P
-
-    device = info.device if info is not None else resolve_device(opts.device)
-    world = info.world_size if info is not None else opts.nproc_per_node * opts.nnodes
-    master = info is None or info.is_master
-    table = GPU_DEFAULTS if device.type == "cuda" else CPU_PRESET
-    v = {k: (getattr(opts, k) if getattr(opts, k) is not None else d) for k, d in table.items()}
-    ref = P.resolve_parent("mid", opts)
-    parent_meta = P.read_parent_meta(ref)
-    ctx = int(parent_meta["model_config"]["sequence_len"])
-    T = opts.max_seq_len or ctx
-    if T > ctx:
-        raise UsageError(
-            f"--max-seq-len {T} is longer than the model's context ({ctx})",
-            f"use --max-seq-len {ctx} or less",
-        )
-    B = v["device_batch_size"]
-    if B < 1:
-        raise UsageError(f"--device-batch-size must be >= 1, got {B}")
-    per_step = B * T * world
-    total = v["total_batch_size"] if v["total_batch_size"] > 0 else per_step
-    if total % per_step:
-        raise UsageError(
-            f"--total-batch-size {total:,} is not a multiple of --device-batch-size x context x processes = {B} x {T} x {world} = {per_step:,}",
-            f"use --total-batch-size {max(1, round(total / per_step)) * per_step} or change --device-batch-size",
-        )
-    grad_accum = total // per_step
-    eval_tokens = v["eval_tokens"] if v["eval_tokens"] > 0 else 4 * per_step
-    eval_steps = max(1, eval_tokens // per_step)
-
-    if opts.train_task is not None:
-        mixture = Mixture(
-            opts.train_task,
-            opts.val_task if opts.val_task is not None else opts.train_task,
-            val_note="library-provided tasks",
-        )
-    else:
-        mixture = build_mixture(
-            "mid",
-            data_dir=opts.data_dir,
-            home=opts.home,
-            data=opts.data,
-            mix=opts.mix,
-            val_holdout=opts.val_holdout,
-        )
-    iters = v["num_iterations"] if v["num_iterations"] and v["num_iterations"] > 0 else -1
-    horizon = (
-        f"{iters:,} steps" + (" (CPU preset)" if opts.num_iterations is None else "")
-        if iters > 0
-        else f"one epoch over {len(mixture.train):,} conversations (ends when the stream wraps)"
-    )
-    tag = P.output_tag(opts, ref)
-    plan = [
-        f"mid: {ref.stage}/{ref.tag}@{ref.step} -> checkpoints/mid/{tag}",
-        f"preset: {'gpu' if device.type == 'cuda' else 'cpu'} defaults; context {T} tokens",
-        f"batch: {total:,} tokens/step = {B} rows x {T} tokens x {world} process(es) x {grad_accum} grad accum step(s)"
-        " (conversations concatenated, no padding, no cropping)",
-        f"horizon: {horizon}; LR x{opts.init_lr_frac}, constant then linear to 0 over the last 20%",
-        f"LRs: embedding {opts.embedding_lr}, unembedding {opts.unembedding_lr}, matrix {opts.matrix_lr}, scalar {opts.scalar_lr}",
-        f"eval: val bpb every {v['eval_every']} steps over {eval_steps * per_step:,} tokens",
-        "data:",
-        *mixture.summary_lines(),
-    ]
-    pre_bs = parent_meta.get("device_batch_size")
-    if pre_bs is not None and B > pre_bs:
-        plan.append(f"warning: base training used --device-batch-size {pre_bs}; {B} may not fit in memory")
-    if (line := P.launch_line(opts)) is not None:
-        plan.append(line)
-    for line in plan:
-        say(line, master)
-    if opts.dry_run:
-        return StageResult(
-            "mid", tag, "", P.lineage(ref), 0, iters, skipped=True, plan=plan, data=mixture.to_dict()
-        )
-
-    resume_keys = {
-        "parent": P.lineage(ref),
-        "--max-seq-len": T,
-        "--device-batch-size": B,
-        "--total-batch-size": total,
-        "world size": world,
-        "num_iterations": iters,
-        "train conversations": len(mixture.train),
-        "lrs": [opts.embedding_lr, opts.unembedding_lr, opts.matrix_lr, opts.scalar_lr, opts.init_lr_frac],
-    }
-    out = P.prepare_output("mid", tag, resume_keys, opts, master)
-    if out.done:
-        return P.skipped_result("mid", tag, out, wall0)
-
-    from nanoctl.evaluate.bpb import evaluate_bpb
-    from nanoctl.tokenizer import load_token_bytes
-
-    dtype, dtype_reason = P.setup_runtime(opts, info)
-    say(f"compute dtype: {str(dtype).removeprefix('torch.')} ({dtype_reason})", master)
-    model, tokenizer, _ = P.load_parent_model(ref, info, dtype, opts)
-    token_bytes = load_token_bytes(opts.home, device=device)
-    optimizer = P.setup_optimizer(model, opts, opts.init_lr_frac)
-    resumed = P.restore_training(out, model, optimizer, info, master)
-    loop_state, cursor = resumed.loop_state, resumed.cursor
-    progress = float(resumed.meta.get("progress", 0.0))
-    train_model = model
-    if L.want_compile(opts.compile, device):
-        model.prepare_flex_attention(T)
-        train_model = torch.compile(model, dynamic=False)
-    batches = MidBatches(tokenizer, mixture.train, B, T, info.rank, info.world_size, cursor)
-
-    def run_eval() -> float:
-        model.eval()
-        vb = MidBatches(tokenizer, mixture.val, B, T, info.rank, info.world_size)
-        bpb = evaluate_bpb(model, vb, eval_steps, token_bytes)
-        model.train()
-        return bpb
-
-    start = out.resume_step or 0
-    base_meta = {
-        "stage": "mid",
-        "model_config": model.config.to_dict(),
-        "user_config": P.user_config(opts),
-        "resume_keys": P.jsonable(resume_keys),
-        "parent": P.lineage(ref),
-        "device_batch_size": B,
-        "max_seq_len": T,
-        "total_batch_size": total,
-    }
-    est_steps = iters if iters > 0 else max(1, start + 1)
-    run = P.StageRun(
-        "mid",
-        info,
-        out,
-        est_steps,
-        start,
-        base_meta,
-        opts.keep_last,
-        opts.wandb_run,
-        {"options": P.user_config(opts)},
-    )
-    if master:
-        from nanoctl.checkpoint import save_tokenizer_copy
-
-        save_tokenizer_copy(out.directory, opts.home)
-    ema = L.LossEMA.from_state(loop_state.ema)
-    last_loss: float | None = None
-    last_val = loop_state.val_bpb
-    peak = None
-    if device.type == "cuda":
-        from nanoctl.device import peak_flops
-
-        peak = peak_flops(device)
-    flops_per_token = model.estimate_flops()
-    step = start
-    data_meta = mixture.to_dict()
-
-    def save(final: bool) -> None:
-        loop_state.step = step
-        loop_state.ema = ema.state_dict()
-        run.save(
-            step,
-            model,
-            optimizer,
-            final,
-            num_iterations=step if final else iters,
-            loader_state=L.gather_loader_state(batches.state_dict()),
-            loop_state=loop_state.to_dict(),
-            progress=progress,
-            train_loss=last_loss,
-            val_loss=last_val,
-            val_bpb=last_val,
-            data=data_meta,
-        )
-
-    try:
-        with run.stop:
-            while True:
-                # all ranks agree on the end (any rank's stream wrapped), as nanochat's all-reduced last_step
-                done = (iters > 0 and step >= iters) or (iters <= 0 and any_rank(batches.wrapped, device))
-                fresh = not (step == start and out.resume_step is not None)
-                if fresh and (done or (v["eval_every"] > 0 and step % v["eval_every"] == 0)):
-                    last_val = run_eval()
-                    loop_state.val_bpb = last_val
-                    loop_state.min_val_bpb = min(loop_state.min_val_bpb, last_val)
-                    run.print(f"step {step:05d} | validation bpb: {last_val:.4f}")
-                    run.metrics.log(step, val_bpb=last_val)
-                if done:
-                    save(final=True)
-                    break
-                if opts.save_every > 0 and step % opts.save_every == 0 and step != start:
-                    save(final=False)
-                if run.stop.should_stop(device):
-                    if step != start:
-                        save(final=False)
-                    raise Interrupted(
-                        f"stopped at step {step}; checkpoint saved in {out.directory}",
-                        "rerun the same command to resume",
-                    )
-
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for _ in range(grad_accum):
-                    x, y = next(batches)
-                    loss = train_model(x.to(device), y.to(device))
-                    loss_sum += loss.detach().double()
-                    (loss / grad_accum).backward()
-                    if iters <= 0:
-                        progress = max(progress, batches.progress)  # monotone, as nanochat
-                if iters > 0:
-                    progress = step / iters
-                lrm = lr_multiplier(progress)
-                L.apply_schedules(optimizer, lrm, momentum=muon_momentum(step))
-                optimizer.step()
-                model.zero_grad(set_to_none=True)
-                train_loss = all_reduce_mean(float(loss_sum.item()) / grad_accum, device)
-                dt = time.perf_counter() - t0
-                if not math.isfinite(train_loss):
-                    raise NanoctlError(
-                        f"training loss became {train_loss} at step {step}",
-                        "lower the learning rates or check the data",
-                    )
-                step += 1
-                last_loss = train_loss
-                smooth = ema.update(train_loss)
-                if step - start > 10:
-                    loop_state.total_training_time += dt
-                run.step_times.append(dt)
-                n_steps = iters if iters > 0 else max(step, round(step / max(progress, 1e-9)))
-                mfu = 100 * flops_per_token * total / dt / (peak * world) if peak else None
-                run.reporter.step(
-                    L.StepLine(
-                        step,
-                        n_steps,
-                        smooth,
-                        lrm,
-                        dt,
-                        total / dt,
-                        mfu,
-                        loop_state.total_training_time,
-                        run.eta(n_steps - step),
-                        extra=f"data {100 * batches.progress:.2f}%",
-                    ),
-                    advance_to=step,
-                )
-                run.metrics.log(
-                    step,
-                    loss=train_loss,
-                    loss_ema=smooth,
-                    lrm=lrm,
-                    dt=dt,
-                    tok_per_sec=total / dt,
-                    mfu=mfu,
-                    progress=progress,
-                )
-    finally:
-        run.close()
-
-    say(
-        f"done: {step} steps; min val bpb {loop_state.min_val_bpb:.4f}; checkpoint {out.directory}"
-        if math.isfinite(loop_state.min_val_bpb)
-        else f"done: {step} steps; checkpoint {out.directory}",
-        master,
-    )
-    return StageResult(
-        stage="mid",
-        model_tag=tag,
-        checkpoint_dir=str(out.directory),
-        parent=P.lineage(ref),
-        final_step=step,
-        num_iterations=step,
-        final_loss=last_loss,
-        val_loss=last_val,
-        metrics={
-            "min_val_bpb": None if not math.isfinite(loop_state.min_val_bpb) else loop_state.min_val_bpb
-        },
-        data=data_meta,
-        total_training_time=loop_state.total_training_time,
-        wall_time=time.perf_counter() - wall0,
-        resumed_from=out.resume_step,
-        plan=plan,
-    )
-
-
 def any_rank(flag: bool, device: Any) -> bool:
     """True on every rank when `flag` is True on any rank."""
     from nanoctl.dist import all_reduce_max
 
     return all_reduce_max(1.0 if flag else 0.0, device) > 0
+
+
+class Mid(PostStage):
+    name = command = "mid"
+
+    def plan(self) -> Plan:
+        from nanoctl.tasks.mixtures import Mixture, build_mixture
+
+        o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
+        world = self.world_size
+        ref, parent_meta, tag = self.find_parent()
+        T = self.T = self.context_len(parent_meta)
+        B = o.device_batch_size
+        if B < 1:
+            raise UsageError(f"--device-batch-size must be >= 1, got {B}")
+        per_step = B * T * world
+        total = self.total = o.total_batch_size if o.total_batch_size > 0 else per_step
+        if total % per_step:
+            raise UsageError(
+                f"--total-batch-size {total:,} is not a multiple of --device-batch-size x context x processes = {B} x {T} x {world} = {per_step:,}",
+                f"use --total-batch-size {max(1, round(total / per_step)) * per_step} or change --device-batch-size",
+            )
+        self.grad_accum = total // per_step
+        self.eval_steps = max(1, (o.eval_tokens if o.eval_tokens > 0 else 4 * per_step) // per_step)
+        if o.train_task is not None:
+            val = o.val_task if o.val_task is not None else o.train_task
+            self.mixture = Mixture(o.train_task, val, val_note="library-provided tasks")
+        else:
+            self.mixture = build_mixture("mid", data_dir=o.data_dir, home=self.home, data=o.data, mix=o.mix,
+                                         val_holdout=o.val_holdout)
+        iters = o.num_iterations if o.num_iterations and o.num_iterations > 0 else -1
+        horizon = (
+            f"{iters:,} steps" + (" (CPU preset)" if self.opts.num_iterations is None else "")
+            if iters > 0
+            else f"one epoch over {len(self.mixture.train):,} conversations (ends when the stream wraps)"
+        )
+        lines = [
+            f"mid: {ref.stage}/{ref.tag}@{ref.step} -> checkpoints/mid/{tag}",
+            f"preset: {'gpu' if self.device.type == 'cuda' else 'cpu'} defaults; context {T} tokens",
+            f"batch: {total:,} tokens/step = {B} rows x {T} tokens x {world} process(es) x {self.grad_accum} grad accum step(s)"
+            " (conversations concatenated, no padding, no cropping)",
+            f"horizon: {horizon}; LR x{o.init_lr_frac}, constant then linear to 0 over the last 20%",
+            f"LRs: embedding {o.embedding_lr}, unembedding {o.unembedding_lr}, matrix {o.matrix_lr}, scalar {o.scalar_lr}",
+            f"eval: val bpb every {o.eval_every} steps over {self.eval_steps * per_step:,} tokens",
+            "data:", *self.mixture.summary_lines(),
+        ]
+        pre_bs = parent_meta.get("device_batch_size")
+        if pre_bs is not None and B > pre_bs:
+            lines.append(f"warning: base training used --device-batch-size {pre_bs}; {B} may not fit in memory")
+        resume_keys = {
+            "parent": lineage(ref), "--max-seq-len": T, "--device-batch-size": B, "--total-batch-size": total,
+            "world size": world, "num_iterations": iters, "train conversations": len(self.mixture.train),
+            "lrs": [o.embedding_lr, o.unembedding_lr, o.matrix_lr, o.scalar_lr, o.init_lr_frac],
+        }
+        meta = {"device_batch_size": B, "max_seq_len": T, "total_batch_size": total}
+        return Plan(tag, iters, lines, resume_keys, meta, lineage(ref), T, details={"data": self.mixture.to_dict()})
+
+    def start(self, run: Run, saved: dict[str, Any], loader_state: dict[str, Any] | None) -> None:
+        from nanoctl.tokenizer import load_token_bytes
+
+        info, loop = run.info, saved.get("loop_state") or {}
+        self.progress = float(saved.get("progress", 0.0))
+        self.val_bpb: float | None = loop.get("val_bpb")
+        self.min_val_bpb = loop.get("min_val_bpb") or float("inf")
+        self.token_bytes = load_token_bytes(self.home, device=run.device)
+        cursor = (loader_state or {}).get("cursor", 0)
+        self.batches = MidBatches(run.tokenizer, self.mixture.train, self.o.device_batch_size, self.T, info.rank,
+                                  info.world_size, cursor)
+
+    def loader_state(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def finished(self, run: Run, step: int, num_steps: int) -> bool:
+        # all ranks agree on the end (any rank's stream wrapped), as nanochat's all-reduced last_step
+        if self.plan_steps > 0:
+            return step >= self.plan_steps
+        return any_rank(self.batches.wrapped, run.device)
+
+    @property
+    def plan_steps(self) -> int:
+        return self.o.num_iterations if self.o.num_iterations and self.o.num_iterations > 0 else -1
+
+    def estimated_steps(self, step: int) -> int:
+        return max(step, round(step / max(self.progress, 1e-9))) if step else 1
+
+    def step(self, run: Run, step: int) -> StepStats:
+        import torch
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+        for _ in range(self.grad_accum):
+            x, y = next(self.batches)
+            loss = run.train_model(x.to(run.device), y.to(run.device))
+            loss_sum += loss.detach().double()
+            run.backward(loss / self.grad_accum)
+            if self.plan_steps <= 0:
+                self.progress = max(self.progress, self.batches.progress)  # monotone, as nanochat
+        if self.plan_steps > 0:
+            self.progress = step / self.plan_steps
+        return StepStats(loss_sum / self.grad_accum, self.total, {"progress": self.progress},
+                         f"data {100 * self.batches.progress:.2f}%")
+
+    def schedule(self, step: int, num_steps: int) -> tuple[float, float | None, float | None]:
+        return lr_multiplier(self.progress), muon_momentum(step), None
+
+    def evaluate(self, run: Run, step: int, last: bool) -> dict[str, Any]:
+        from nanoctl.evaluate.bpb import evaluate_bpb
+
+        if not (last or (self.o.eval_every > 0 and step % self.o.eval_every == 0)):
+            return {}
+        info = run.info
+        run.model.eval()
+        vb = MidBatches(run.tokenizer, self.mixture.val, self.o.device_batch_size, self.T, info.rank, info.world_size)
+        self.val_bpb = evaluate_bpb(run.model, vb, self.eval_steps, self.token_bytes)
+        run.model.train()
+        self.min_val_bpb = min(self.min_val_bpb, self.val_bpb)
+        run.print(f"step {step:05d} | validation bpb: {self.val_bpb:.4f}")
+        return {"val_bpb": self.val_bpb}
+
+    def loop_state(self) -> dict[str, Any]:
+        return {"val_bpb": self.val_bpb, "min_val_bpb": self.min_val_bpb if self.min_val_bpb != float("inf") else None}
+
+    def state(self) -> dict[str, Any]:
+        return {"progress": self.progress, "val_loss": self.val_bpb, "val_bpb": self.val_bpb,
+                "metrics": {"min_val_bpb": self.loop_state()["min_val_bpb"]}, "data": self.mixture.to_dict()}
+
+    def done_line(self, run: Run) -> str:
+        mv = self.loop_state()["min_val_bpb"]
+        return f"done: {run.step} steps" + (f"; min val bpb {mv:.4f}" if mv is not None else "") + f"; checkpoint {run.directory}"
+
+
+def mid(opts: MidOptions, home: Any = None) -> StageResult:
+    """Mid-train the base model; see the module docstring."""
+    return run_stage(Mid, opts, home)

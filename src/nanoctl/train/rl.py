@@ -12,61 +12,54 @@
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from nanoctl.errors import Interrupted, NanoctlError, UsageError
-from nanoctl.train.post import PostOptions, StageResult, say
-
-GPU_DEFAULTS: dict[str, Any] = dict(
-    num_iterations=-1,
-    device_batch_size=8,
-    examples_per_step=16,
-    num_samples=16,
-    max_new_tokens=256,
-    eval_every=60,
-    eval_examples=400,
-    save_every=60,
-)
-CPU_PRESET: dict[str, Any] = dict(
-    num_iterations=10,
-    device_batch_size=4,
-    examples_per_step=2,
-    num_samples=4,
-    max_new_tokens=48,
-    eval_every=5,
-    eval_examples=4,
-    save_every=-1,
-)
+from nanoctl.engine import SamplingParams
+from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, apply_preset, option
+from nanoctl.train.parent import PostOptions, PostStage, lineage
+from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
 @dataclass
 class RLOptions(PostOptions):
-    """Options of `nanoctl rl`. None = device default (GPU_DEFAULTS on CUDA, else CPU_PRESET)."""
+    """Options of `nanoctl rl`. None = the device preset (GPU_PRESET on CUDA, else CPU_PRESET)."""
 
-    task: str = "GSM8K"
-    data_dir: str | None = None
-    num_epochs: int = 1
-    num_iterations: int | None = None  # -1 = num_epochs over the train split
-    device_batch_size: int | None = None
-    examples_per_step: int | None = None
-    num_samples: int | None = None
-    max_new_tokens: int | None = None
-    temperature: float = 1.0
-    top_k: int = 50
-    unembedding_lr: float = 0.004
-    embedding_lr: float = 0.2
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    init_lr_frac: float = 0.05
-    eval_every: int | None = None
-    eval_examples: int | None = None
-    save_every: int | None = None  # type: ignore[assignment]  # None = device default (60 on CUDA)
-    train_task: Any = None  # library only: a Task with a reward instead of --task
-    val_task: Any = None
+    task: str = option("GSM8K", help="Task with a verifiable reward: GSM8K or SpellingBee.", panel=DATA)
+    data_dir: str | None = option(
+        None, help="Directory holding task datasets in their original formats (gsm8k/train.jsonl, ...).", panel=DATA
+    )
+    num_epochs: int = option(1, help="Epochs over the train split when --num-iterations is -1.", panel=OPTIMIZATION)
+    num_iterations: int | None = option(None, help="Optimizer steps; -1 = --num-epochs over the train split.", panel=OPTIMIZATION)
+    device_batch_size: int | None = option(None, help="Sequences per rollout/forward chunk per process.", panel=OPTIMIZATION)
+    examples_per_step: int | None = option(None, help="Questions per optimizer step (across processes).", panel=OPTIMIZATION)
+    num_samples: int | None = option(None, help="Rollouts per question.", panel=OPTIMIZATION)
+    max_new_tokens: int | None = option(None, help="Longest rollout.", unit="tokens", panel=OPTIMIZATION)
+    temperature: float = option(1.0, help="Rollout sampling temperature.", panel=OPTIMIZATION)
+    top_k: int = option(50, help="Rollout top-k.", panel=OPTIMIZATION)
+    embedding_lr: float = option(0.2, help="AdamW LR of the token embedding.", panel=OPTIMIZATION)
+    unembedding_lr: float = option(0.004, help="AdamW LR of the output head.", panel=OPTIMIZATION)
+    matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
+    scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
+    weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
+    init_lr_frac: float = option(0.05, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
+    eval_every: int | None = option(None, help="pass@k every N steps (-1 = never).", unit="steps", panel=OUTPUT)
+    eval_examples: int | None = option(None, help="Held-out questions per pass@k eval.", panel=OUTPUT)
+    save_every: int | None = option(None, help="Checkpoint every N steps (-1 = only at the end).", unit="steps", panel=OUTPUT)
+    train_task: Any = option(None, help="A Task with a reward to train on instead of --task.", cli=False)
+    val_task: Any = option(None, help="A Task to evaluate pass@k on.", cli=False)
+
+
+GPU_PRESET = RLOptions(
+    num_iterations=-1, device_batch_size=8, examples_per_step=16, num_samples=16, max_new_tokens=256,
+    eval_every=60, eval_examples=400, save_every=60,
+)
+CPU_PRESET = RLOptions(
+    num_iterations=10, device_batch_size=4, examples_per_step=2, num_samples=4, max_new_tokens=48,
+    eval_every=5, eval_examples=4, save_every=-1,
+)
+PRESETS = {"CUDA": GPU_PRESET, "CPU": CPU_PRESET}
 
 
 def pass_at_k(
@@ -92,9 +85,8 @@ def pass_at_k(
         tokens = tokenizer.render_for_completion(conv)
         if len(tokens) >= engine.context_len:
             continue
-        seqs, _ = engine.generate_batch(
-            tokens, num_samples=k, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=idx
-        )
+        params = SamplingParams(temperature=temperature, top_k=top_k, max_tokens=max_new_tokens, seed=idx)
+        seqs, _ = engine.generate_batch(tokens, params, num_samples=k)
         outcomes = [bool(task.evaluate(conv, tokenizer.decode(s[len(tokens) :]))) for s in seqs]
         for j in range(1, k + 1):
             hits[j - 1] += float(any(outcomes[:j]))
@@ -106,14 +98,7 @@ def pass_at_k(
     return [float(h / count) if count else float("nan") for h in hits[:k]]
 
 
-def rl(opts: RLOptions) -> StageResult:
-    """Run RL on a verifiable task; see the module docstring."""
-    from nanoctl.train.post import run_stage
-
-    return run_stage("rl", opts, _run)
-
-
-def _tasks(opts: RLOptions, eval_examples: int) -> tuple[Any, Any, str]:
+def _tasks(opts: RLOptions, eval_examples: int, home: Any) -> tuple[Any, Any, str]:
     from nanoctl.tasks import get_task
     from nanoctl.tasks.common import Task, TaskSlice
 
@@ -123,13 +108,13 @@ def _tasks(opts: RLOptions, eval_examples: int) -> tuple[Any, Any, str]:
             opts.val_task if opts.val_task is not None else opts.train_task,
             "library-provided tasks",
         )
-    train = get_task(opts.task, split="train", data_dir=opts.data_dir, home=opts.home)
+    train = get_task(opts.task, split="train", data_dir=opts.data_dir, home=home)
     if type(train).evaluate is Task.evaluate:  # training-only data: nothing to reward
         raise UsageError(
             f"--task {opts.task} has no reward", "use a scored task such as GSM8K or SpellingBee"
         )
     try:
-        val = get_task(opts.task, split="test", data_dir=opts.data_dir, home=opts.home)
+        val = get_task(opts.task, split="test", data_dir=opts.data_dir, home=home)
         return train, val, f"{opts.task} train ({len(train):,}) / test ({len(val):,})"
     except NanoctlError:
         k = min(eval_examples, max(1, len(train) // 10))
@@ -141,285 +126,167 @@ def _tasks(opts: RLOptions, eval_examples: int) -> tuple[Any, Any, str]:
         )
 
 
-def _run(opts: RLOptions, info: Any, wall0: float) -> StageResult:
-    import torch
+class RL(PostStage):
+    name = command = "rl"
+    value_name = "reward"
+    smooth = False
+    compile_dynamic = None  # rollouts and variable-length passes: never compiled
+    reports_mfu = False
+    nan_hint = "check the task's reward function"
 
-    from nanoctl.device import resolve_device
-    from nanoctl.train import loop as L
-    from nanoctl.train import post as P
+    def plan(self) -> Plan:
+        o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
+        world = self.world_size
+        B, eps, ns = o.device_batch_size, o.examples_per_step, o.num_samples
+        for name, val in (("--device-batch-size", B), ("--examples-per-step", eps), ("--num-samples", ns),
+                          ("--max-new-tokens", o.max_new_tokens)):
+            if val < 1:
+                raise UsageError(f"{name} must be >= 1, got {val}")
+        if ns % B:
+            raise UsageError(f"--num-samples {ns} is not a multiple of --device-batch-size {B}",
+                             f"use --num-samples {max(1, ns // B) * B}")
+        if eps % world:
+            raise UsageError(f"--examples-per-step {eps} is not a multiple of the {world} process(es)",
+                             f"use --examples-per-step {max(1, eps // world) * world}")
+        self.per_rank = eps // world
+        ref, _, tag = self.find_parent()
+        self.train_task, self.val_task, self.data_note = _tasks(o, o.eval_examples, self.home)
+        iters = o.num_iterations
+        if iters is None or iters <= 0:
+            iters = (len(self.train_task) // eps) * o.num_epochs
+            horizon = f"{o.num_epochs} epoch(s) of {len(self.train_task):,} questions"
+        else:
+            horizon = "--num-iterations" + (" (CPU preset)" if self.opts.num_iterations is None else "")
+        if iters < 1:
+            raise UsageError(f"{len(self.train_task)} questions make 0 steps of {eps}", "lower --examples-per-step")
+        lines = [
+            f"rl: {ref.stage}/{ref.tag}@{ref.step} -> checkpoints/rl/{tag}",
+            f"data: {self.data_note}",
+            f"rollouts: {eps} questions/step x {ns} samples = {eps * ns} sequences/step, generated {B} at a time"
+            f" (T={o.temperature}, top-k {o.top_k}, <= {o.max_new_tokens} new tokens)",
+            f"horizon ({horizon}): {iters:,} steps; LR x{o.init_lr_frac} decaying linearly to 0",
+            f"eval: pass@1..{B} on {o.eval_examples} held-out questions every {o.eval_every} steps",
+        ]
+        resume_keys = {
+            "parent": lineage(ref), "task": o.task if o.train_task is None else getattr(o.train_task, "name", "custom"),
+            "--device-batch-size": B, "--examples-per-step": eps, "--num-samples": ns, "world size": world,
+            "num_iterations": iters, "lrs": [o.embedding_lr, o.unembedding_lr, o.matrix_lr, o.scalar_lr, o.init_lr_frac],
+        }
+        return Plan(tag, iters, lines, resume_keys, {}, lineage(ref), details={"data": {"note": self.data_note}})
 
-    device = info.device if info is not None else resolve_device(opts.device)
-    world = info.world_size if info is not None else opts.nproc_per_node * opts.nnodes
-    master = info is None or info.is_master
-    table = GPU_DEFAULTS if device.type == "cuda" else CPU_PRESET
-    v = {k: (getattr(opts, k) if getattr(opts, k) is not None else d) for k, d in table.items()}
-    B, eps, ns = v["device_batch_size"], v["examples_per_step"], v["num_samples"]
-    for name, val in (
-        ("--device-batch-size", B),
-        ("--examples-per-step", eps),
-        ("--num-samples", ns),
-        ("--max-new-tokens", v["max_new_tokens"]),
-    ):
-        if val < 1:
-            raise UsageError(f"{name} must be >= 1, got {val}")
-    if ns % B:
-        raise UsageError(
-            f"--num-samples {ns} is not a multiple of --device-batch-size {B}",
-            f"use --num-samples {max(1, ns // B) * B}",
-        )
-    if eps % world:
-        raise UsageError(
-            f"--examples-per-step {eps} is not a multiple of the {world} process(es)",
-            f"use --examples-per-step {max(1, eps // world) * world}",
-        )
-    per_rank = eps // world
-    ref = P.resolve_parent("rl", opts)
-    train_task, val_task, data_note = _tasks(opts, v["eval_examples"])
-    iters = v["num_iterations"]
-    if iters is None or iters <= 0:
-        iters = (len(train_task) // eps) * opts.num_epochs
-        horizon = f"{opts.num_epochs} epoch(s) of {len(train_task):,} questions"
-    else:
-        horizon = "--num-iterations" + (" (CPU preset)" if opts.num_iterations is None else "")
-    if iters < 1:
-        raise UsageError(f"{len(train_task)} questions make 0 steps of {eps}", "lower --examples-per-step")
-    tag = P.output_tag(opts, ref)
-    plan = [
-        f"rl: {ref.stage}/{ref.tag}@{ref.step} -> checkpoints/rl/{tag}",
-        f"data: {data_note}",
-        f"rollouts: {eps} questions/step x {ns} samples = {eps * ns} sequences/step, generated {B} at a time"
-        f" (T={opts.temperature}, top-k {opts.top_k}, <= {v['max_new_tokens']} new tokens)",
-        f"horizon ({horizon}): {iters:,} steps; LR x{opts.init_lr_frac} decaying linearly to 0",
-        f"eval: pass@1..{B} on {v['eval_examples']} held-out questions every {v['eval_every']} steps",
-    ]
-    if (line := P.launch_line(opts)) is not None:
-        plan.append(line)
-    for line in plan:
-        say(line, master)
-    if opts.dry_run:
-        return StageResult(
-            "rl", tag, "", P.lineage(ref), 0, iters, skipped=True, plan=plan, data={"note": data_note}
-        )
+    def start(self, run: Run, saved: dict[str, Any], loader_state: dict[str, Any] | None) -> None:
+        from nanoctl.engine import Engine
 
-    resume_keys = {
-        "parent": P.lineage(ref),
-        "task": opts.task if opts.train_task is None else getattr(opts.train_task, "name", "custom"),
-        "--device-batch-size": B,
-        "--examples-per-step": eps,
-        "--num-samples": ns,
-        "world size": world,
-        "num_iterations": iters,
-        "lrs": [opts.embedding_lr, opts.unembedding_lr, opts.matrix_lr, opts.scalar_lr, opts.init_lr_frac],
-    }
-    out = P.prepare_output("rl", tag, resume_keys, opts, master)
-    if out.done:
-        return P.skipped_result("rl", tag, out, wall0)
+        self.engine = Engine(run.model, run.tokenizer)
+        self.pad = run.tokenizer.encode_special("<|assistant_end|>")
+        self.cursor = (loader_state or {}).get("cursor", 0)
+        self.metrics: dict[str, Any] = dict(saved.get("metrics") or {})
+        self.reward_history: list[float] = list(self.metrics.get("reward_history", []))
+        self.skipped_long = int(self.metrics.get("skipped_long_questions", 0))
+        self.rank_indices = list(range(run.info.rank, len(self.train_task), run.info.world_size))
+        if not self.rank_indices:
+            raise NanoctlError(f"not enough questions ({len(self.train_task)}) for {run.info.world_size} process(es)")
 
-    from nanoctl.engine import Engine
+    def loader_state(self) -> dict[str, Any]:
+        return {"cursor": self.cursor}
 
-    dtype, dtype_reason = P.setup_runtime(opts, info)
-    say(f"compute dtype: {str(dtype).removeprefix('torch.')} ({dtype_reason})", master)
-    model, tokenizer, _ = P.load_parent_model(ref, info, dtype, opts)
-    engine = Engine(model, tokenizer)
-    pad = tokenizer.encode_special("<|assistant_end|>")
-    optimizer = P.setup_optimizer(model, opts, opts.init_lr_frac)
-    resumed = P.restore_training(out, model, optimizer, info, master)
-    loop_state, cursor = resumed.loop_state, resumed.cursor
-    rank_indices = list(range(info.rank, len(train_task), info.world_size))
-    if not rank_indices:
-        raise NanoctlError(f"not enough questions ({len(train_task)}) for {info.world_size} process(es)")
-
-    @torch.no_grad()
-    def rollout(step: int, idx: int) -> tuple[list[list[int]], Any, Any, Any] | None:
+    def rollout(self, run: Run, step: int, idx: int) -> tuple[list[list[int]], Any, Any, Any] | None:
         """`num_samples` completions of question `idx`: (sequences, inputs, targets, rewards)."""
-        conv = train_task[idx]
-        tokens = tokenizer.render_for_completion(conv)
-        if len(tokens) >= engine.context_len:
+        import torch
+
+        conv = self.train_task[idx]
+        tokens = run.tokenizer.render_for_completion(conv)
+        if len(tokens) >= self.engine.context_len:
             return None  # the question alone fills the context: nothing to sample (counted, skipped)
-        model.eval()
+        o, B = self.o, self.o.device_batch_size
+        run.model.eval()
         seqs: list[list[int]] = []
         masks: list[list[int]] = []
-        for chunk in range(ns // B):
-            seed = hash((step, idx, chunk)) & 0x7FFFFFFF
-            s, m = engine.generate_batch(
-                tokens,
-                num_samples=B,
-                max_tokens=v["max_new_tokens"],
-                temperature=opts.temperature,
-                top_k=opts.top_k,
-                seed=seed,
-            )
-            seqs += s
-            masks += m
-        model.train()
-        rewards = [float(train_task.reward(conv, tokenizer.decode(s[len(tokens) :]))) for s in seqs]
+        with torch.no_grad():
+            for chunk in range(o.num_samples // B):
+                seed = hash((step, idx, chunk)) & 0x7FFFFFFF
+                params = SamplingParams(temperature=o.temperature, top_k=o.top_k, max_tokens=o.max_new_tokens, seed=seed)
+                s, m = self.engine.generate_batch(tokens, params, num_samples=B)
+                seqs += s
+                masks += m
+        run.model.train()
+        rewards = [float(self.train_task.reward(conv, run.tokenizer.decode(s[len(tokens):]))) for s in seqs]
         width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
-        mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long, device=device)
+        ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=run.device)
+        mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long, device=run.device)
         inputs, targets = ids[:, :-1], ids[:, 1:].clone()
         targets[mask[:, 1:] == 0] = -1  # train only on sampled tokens
-        return seqs, inputs, targets, torch.tensor(rewards, dtype=torch.float32, device=device)
+        return seqs, inputs, targets, torch.tensor(rewards, dtype=torch.float32, device=run.device)
 
-    start = out.resume_step or 0
-    base_meta = {
-        "stage": "rl",
-        "model_config": model.config.to_dict(),
-        "user_config": P.user_config(opts),
-        "resume_keys": P.jsonable(resume_keys),
-        "parent": P.lineage(ref),
-        "num_iterations": iters,
-    }
-    run = P.StageRun(
-        "rl",
-        info,
-        out,
-        iters,
-        start,
-        base_meta,
-        opts.keep_last,
-        opts.wandb_run,
-        {"options": P.user_config(opts)},
-    )
-    if master:
-        from nanoctl.checkpoint import save_tokenizer_copy
-
-        save_tokenizer_copy(out.directory, opts.home)
-    metrics: dict[str, Any] = dict((out.saved_meta or {}).get("metrics", {}))
-    reward_history: list[float] = list(metrics.get("reward_history", []))
-    step = start
-    skipped_long = int(metrics.get("skipped_long_questions", 0))
-
-    def save(final: bool) -> None:
-        loop_state.step = step
-        metrics["skipped_long_questions"] = skipped_long
-        metrics["reward_history"] = reward_history
-        run.save(
-            step,
-            model,
-            optimizer,
-            final,
-            loader_state=L.gather_loader_state({"cursor": cursor}),
-            loop_state=loop_state.to_dict(),
-            metrics=metrics,
-            data={"note": data_note},
+    def _next_rollout(self, run: Run, step: int) -> tuple[list[list[int]], Any, Any, Any]:
+        for _attempt in range(len(self.rank_indices)):
+            idx = self.rank_indices[self.cursor % len(self.rank_indices)]
+            self.cursor += 1
+            rolled = self.rollout(run, step, idx)
+            if rolled is not None:
+                return rolled
+            self.skipped_long += 1
+        raise NanoctlError(
+            f"no {self.train_task.name} question fits the model's {self.engine.context_len}-token context",
+            "use a model with a longer context",
         )
 
-    from nanoctl.dist import all_reduce_mean
+    def step(self, run: Run, step: int) -> StepStats:
+        from nanoctl.dist import all_reduce_mean
 
-    try:
-        with run.stop:
-            while True:
-                last = step == iters
-                fresh = not (step == start and out.resume_step is not None)
-                if fresh and v["eval_every"] > 0 and (last or step % v["eval_every"] == 0):
-                    passk = pass_at_k(
-                        model,
-                        engine,
-                        tokenizer,
-                        val_task,
-                        v["eval_examples"],
-                        B,
-                        v["max_new_tokens"],
-                        1.0,
-                        opts.top_k,
-                        info,
-                    )
-                    metrics["pass@k"] = passk
-                    run.print(
-                        f"step {step:05d} | "
-                        + ", ".join(f"pass@{k + 1}: {p:.4f}" for k, p in enumerate(passk))
-                    )
-                    run.metrics.log(step, **{f"pass@{k + 1}": p for k, p in enumerate(passk)})
-                if last:
-                    save(final=True)
-                    break
-                if v["save_every"] > 0 and step % v["save_every"] == 0 and step != start:
-                    save(final=False)
-                if run.stop.should_stop(device):
-                    if step != start:
-                        save(final=False)
-                    raise Interrupted(
-                        f"stopped at step {step}/{iters}; checkpoint saved in {out.directory}",
-                        "rerun the same command to resume",
-                    )
+        B, per_rank = self.o.device_batch_size, self.per_rank
+        step_rewards: list[float] = []
+        seq_lens: list[int] = []
+        for _ in range(per_rank):
+            seqs, inputs_all, targets_all, rewards_all = self._next_rollout(run, step)
+            advantages_all = rewards_all - rewards_all.mean()  # group baseline
+            passes = inputs_all.size(0) // B
+            for p in range(passes):
+                sl = slice(p * B, (p + 1) * B)
+                inputs, targets, adv = inputs_all[sl], targets_all[sl], advantages_all[sl]
+                logp = -run.model(inputs, targets, loss_reduction="none").view_as(inputs)  # 0 where masked
+                num_valid = (targets >= 0).sum().clamp(min=1)
+                run.backward(-(logp * adv.unsqueeze(-1)).sum() / (num_valid * passes * per_rank))
+            step_rewards.append(float(rewards_all.mean().item()))
+            seq_lens += [len(s) for s in seqs]
+        self.mean_len = all_reduce_mean(sum(seq_lens) / len(seq_lens), run.device)
+        return StepStats(sum(step_rewards) / len(step_rewards), sum(seq_lens) * run.info.world_size,
+                         {"sequence_length": self.mean_len})
 
-                t0 = time.perf_counter()
-                step_rewards: list[float] = []
-                seq_lens: list[int] = []
-                for _ in range(per_rank):
-                    for _attempt in range(len(rank_indices)):
-                        idx = rank_indices[cursor % len(rank_indices)]
-                        cursor += 1
-                        rolled = rollout(step, idx)
-                        if rolled is not None:
-                            break
-                        skipped_long += 1
-                    if rolled is None:
-                        raise NanoctlError(
-                            f"no {train_task.name} question fits the model's {engine.context_len}-token context",
-                            "use a model with a longer context",
-                        )
-                    seqs, inputs_all, targets_all, rewards_all = rolled
-                    advantages_all = rewards_all - rewards_all.mean()  # group baseline
-                    passes = inputs_all.size(0) // B
-                    for p in range(passes):
-                        sl = slice(p * B, (p + 1) * B)
-                        inputs, targets, adv = inputs_all[sl], targets_all[sl], advantages_all[sl]
-                        nll = model(inputs, targets, loss_reduction="none").view_as(inputs)
-                        logp = -nll  # 0 at masked positions (ignore_index)
-                        pg = (logp * adv.unsqueeze(-1)).sum()
-                        num_valid = (targets >= 0).sum().clamp(min=1)
-                        loss = -pg / (num_valid * passes * per_rank)
-                        loss.backward()
-                    step_rewards.append(float(rewards_all.mean().item()))
-                    seq_lens += [len(s) for s in seqs]
-                mean_reward = all_reduce_mean(sum(step_rewards) / len(step_rewards), device)
-                mean_len = all_reduce_mean(sum(seq_lens) / len(seq_lens), device)
-                lrm = 1.0 - step / iters
-                L.apply_schedules(optimizer, lrm)
-                optimizer.step()
-                model.zero_grad(set_to_none=True)
-                dt = time.perf_counter() - t0
-                if not math.isfinite(mean_reward):
-                    raise NanoctlError(
-                        f"reward became {mean_reward} at step {step}", "check the task's reward function"
-                    )
-                step += 1
-                reward_history.append(mean_reward)
-                if step - start > 10:
-                    loop_state.total_training_time += dt
-                run.step_times.append(dt)
-                run.reporter.step(
-                    f"step {step:05d}/{iters:05d} ({100 * step / iters:5.1f}%) | reward {mean_reward:.4f} | seq len {mean_len:.1f}"
-                    f" | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | eta {L.format_duration(run.eta(iters - step))}",
-                    advance_to=step,
-                )
-                run.metrics.log(step, reward=mean_reward, sequence_length=mean_len, lrm=lrm, dt=dt)
-    finally:
-        run.close()
+    def on_step(self, step: int, value: float) -> None:
+        self.reward_history.append(value)
 
-    metrics["reward_history"] = reward_history
-    metrics["skipped_long_questions"] = skipped_long
-    if skipped_long:
-        say(
-            f"note: skipped {skipped_long} question(s) longer than the {engine.context_len}-token context",
-            master,
-        )
-    say(
-        f"done: {iters} steps; last reward {reward_history[-1] if reward_history else float('nan'):.4f}; checkpoint {out.directory}",
-        master,
-    )
-    return StageResult(
-        stage="rl",
-        model_tag=tag,
-        checkpoint_dir=str(out.directory),
-        parent=P.lineage(ref),
-        final_step=step,
-        num_iterations=iters,
-        metrics=metrics,
-        data={"note": data_note},
-        total_training_time=loop_state.total_training_time,
-        wall_time=time.perf_counter() - wall0,
-        resumed_from=out.resume_step,
-        plan=plan,
-    )
+    def step_line(self, run: Run, step: int, num_steps: int, stats: StepStats, shown: float, lrm: float,
+                  dt: float, mfu: float | None) -> str:
+        from nanoctl.train.progress import format_duration
+
+        return (f"step {step:05d}/{num_steps:05d} ({100 * step / num_steps:5.1f}%) | reward {shown:.4f}"
+                f" | seq len {self.mean_len:.1f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms"
+                f" | eta {format_duration(run.eta(num_steps - step))}")
+
+    def evaluate(self, run: Run, step: int, last: bool) -> dict[str, Any]:
+        o = self.o
+        if not (o.eval_every > 0 and (last or step % o.eval_every == 0)):
+            return {}
+        passk = pass_at_k(run.model, self.engine, run.tokenizer, self.val_task, o.eval_examples, o.device_batch_size,
+                          o.max_new_tokens, 1.0, o.top_k, run.info)
+        self.metrics["pass@k"] = passk
+        run.print(f"step {step:05d} | " + ", ".join(f"pass@{k + 1}: {p:.4f}" for k, p in enumerate(passk)))
+        return {f"pass@{k + 1}": p for k, p in enumerate(passk)}
+
+    def state(self) -> dict[str, Any]:
+        self.metrics["skipped_long_questions"] = self.skipped_long
+        self.metrics["reward_history"] = self.reward_history
+        return {"metrics": self.metrics, "data": {"note": self.data_note}}
+
+    def done_line(self, run: Run) -> str:
+        note = ""
+        if self.skipped_long:
+            note = f"note: skipped {self.skipped_long} question(s) longer than the {self.engine.context_len}-token context\n"
+        last = self.reward_history[-1] if self.reward_history else float("nan")
+        return note + f"done: {run.step} steps; last reward {last:.4f}; checkpoint {run.directory}"
+
+
+def rl(opts: RLOptions, home: Any = None) -> StageResult:
+    """Run RL on a verifiable task; see the module docstring."""
+    return run_stage(RL, opts, home)

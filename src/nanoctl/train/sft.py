@@ -14,66 +14,101 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from nanoctl.errors import Interrupted, NanoctlError, UsageError
-from nanoctl.train.post import PostOptions, RenderStats, StageResult, render_cropped, say
-
-GPU_DEFAULTS: dict[str, Any] = dict(
-    device_batch_size=4,
-    target_examples_per_step=32,
-    num_iterations=-1,
-    eval_every=100,
-    eval_steps=100,
-    eval_metrics_every=200,
-    eval_metrics_max_problems=1024,
-    init_lr_frac=0.02,  # nanochat
-)
-CPU_PRESET: dict[str, Any] = dict(
-    device_batch_size=4,
-    target_examples_per_step=8,
-    num_iterations=30,
-    eval_every=15,
-    eval_steps=4,
-    eval_metrics_every=30,
-    eval_metrics_max_problems=16,
-    # A tiny model given 30 steps barely moves at 2% of the LR: at 1.0 the d4 CPU model's val loss is
-    # 0.90 instead of 5.2 and it answers "Who are you?" from the identity data (bench/RESULTS.md).
-    init_lr_frac=1.0,
-)
+from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, RUNTIME, apply_preset, option
+from nanoctl.train.parent import PostOptions, PostStage, lineage
+from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
 @dataclass
 class SFTOptions(PostOptions):
-    """Options of `nanoctl sft`. None = device default (GPU_DEFAULTS on CUDA, else CPU_PRESET)."""
+    """Options of `nanoctl sft`. None = the device preset (GPU_PRESET on CUDA, else CPU_PRESET)."""
 
-    data_dir: str | None = None
-    data: list[str] = field(default_factory=list)
-    mix: bool = False
-    num_epochs: int = 1
-    num_iterations: int | None = None  # -1 = num_epochs over the mixture
-    device_batch_size: int | None = None
-    target_examples_per_step: int | None = None
-    max_seq_len: int | None = None  # default: the model's context
-    unembedding_lr: float = 0.004
-    embedding_lr: float = 0.2
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    init_lr_frac: float | None = None  # None: device default (0.02 as nanochat; CPU preset 1.0)
-    eval_every: int | None = None
-    eval_steps: int | None = None
-    eval_metrics_every: int | None = None
-    eval_metrics_max_problems: int | None = None
-    metric_tasks: list[str] = field(default_factory=lambda: ["MMLU", "ARC-Easy"])
-    val_holdout: int | None = None
+    data_dir: str | None = option(
+        None, help="Directory holding task datasets in their original formats (gsm8k/train.jsonl, mmlu/test/*.csv, ...).",
+        panel=DATA,
+    )
+    data: list[str] = option(
+        help='Conversations JSONL (one {"messages": [...]} or message list per line); repeatable.'
+        " Replaces the mixture unless --mix.", panel=DATA, factory=list,
+    )
+    mix: bool = option(False, help="Add --data to the stage's task mixture instead of replacing it.", panel=DATA)
+    val_holdout: int | None = option(
+        None, help="Hold out this many training conversations as validation when the mixture has no val split.",
+        panel=DATA,
+    )
+    num_epochs: int = option(1, help="Epochs over the mixture when --num-iterations is -1.", panel=OPTIMIZATION)
+    num_iterations: int | None = option(None, help="Optimizer steps; -1 = --num-epochs over the mixture.", panel=OPTIMIZATION)
+    device_batch_size: int | None = option(None, help="Conversations per forward pass per process.", panel=OPTIMIZATION)
+    target_examples_per_step: int | None = option(None, help="Conversations per optimizer step.", panel=OPTIMIZATION)
+    max_seq_len: int | None = option(None, help="Tokens per row (unset: the model's context).", unit="tokens", panel=OPTIMIZATION)
+    embedding_lr: float = option(0.2, help="AdamW LR of the token embedding.", panel=OPTIMIZATION)
+    unembedding_lr: float = option(0.004, help="AdamW LR of the output head.", panel=OPTIMIZATION)
+    matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
+    scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
+    weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
+    init_lr_frac: float | None = option(None, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
+    eval_every: int | None = option(None, help="Val loss every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
+    eval_steps: int | None = option(None, help="Val batches per eval.", panel=OUTPUT)
+    eval_metrics_every: int | None = option(
+        None, help="Multiple-choice accuracy every N steps (-1 = end only).", unit="steps", panel=OUTPUT
+    )
+    eval_metrics_max_problems: int | None = option(None, help="Problems per accuracy task.", panel=OUTPUT)
+    metric_tasks: list[str] = option(
+        help="Multiple-choice tasks for the quick accuracy (repeatable; MMLU, ARC-Easy, ARC-Challenge).",
+        panel=OUTPUT, factory=lambda: ["MMLU", "ARC-Easy"], flag="--metric-task",
+    )
+    # variable-length batches: compiling would recompile per shape
+    compile: str = option("off", help="torch.compile: auto (CUDA only), on, off.", panel=RUNTIME)
     # library only: train/validate on these Task objects instead of the mixture
-    train_task: Any = None
-    val_task: Any = None
+    train_task: Any = option(None, help="A Task to train on instead of the mixture.", cli=False)
+    val_task: Any = option(None, help="A Task to validate on.", cli=False)
+
+
+GPU_PRESET = SFTOptions(
+    device_batch_size=4, target_examples_per_step=32, num_iterations=-1, eval_every=100, eval_steps=100,
+    eval_metrics_every=200, eval_metrics_max_problems=1024, init_lr_frac=0.02,  # nanochat
+)
+CPU_PRESET = SFTOptions(
+    device_batch_size=4, target_examples_per_step=8, num_iterations=30, eval_every=15, eval_steps=4,
+    eval_metrics_every=30, eval_metrics_max_problems=16,
+    # A tiny model given 30 steps barely moves at 2% of the LR: at 1.0 the d4 CPU model's val loss is
+    # 0.90 instead of 5.2 and it answers "Who are you?" from the identity data (bench/RESULTS.md).
+    init_lr_frac=1.0,
+)
+PRESETS = {"CUDA": GPU_PRESET, "CPU": CPU_PRESET}
+
+
+@dataclass
+class RenderStats:
+    """How many conversations were rendered, cropped to the context, or dropped (nothing to learn)."""
+
+    rendered: int = 0
+    cropped: int = 0
+    dropped: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def render_cropped(tokenizer: Any, conversation: dict[str, Any], max_len: int, stats: RenderStats) -> tuple[list[int], list[int]]:
+    """Render, then crop to `max_len` tokens (= context + 1, so inputs fit the context), counting crops.
+
+    Rendering with nanochat's default max_tokens=2048 at a shorter context is the NaN-loss bug (PR #834);
+    here the crop always matches the row length.
+    """
+    from nanoctl.tokenizer import RENDER_ALL
+
+    ids, mask = tokenizer.render_conversation(conversation, max_tokens=RENDER_ALL)
+    stats.rendered += 1
+    if len(ids) > max_len:
+        stats.cropped += 1
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
 
 
 class SFTBatches:
@@ -140,323 +175,171 @@ class SFTBatches:
         return self.collate([self._next_row() for _ in range(self.batch_size)])
 
 
-def sft(opts: SFTOptions) -> StageResult:
-    """Fine-tune on conversations; see the module docstring."""
-    from nanoctl.train.post import run_stage
+def load_metric_tasks(names: Any, data_dir: Any, home: Any) -> tuple[dict[str, Any], list[str]]:
+    """The quick-accuracy tasks that are available; the rest are reported as skipped."""
+    from nanoctl.tasks import get_task
 
-    return run_stage("sft", opts, _run)
+    tasks: dict[str, Any] = {}
+    skipped: list[str] = []
+    for name in names:
+        try:
+            task = get_task(name, data_dir=data_dir, home=home)
+        except NanoctlError as e:
+            skipped.append(f"{name} ({e.message.split(' (')[0]})")
+            continue
+        if task.eval_type != "categorical":
+            raise UsageError(f"--metric-task {name} is not a multiple-choice task", "use MMLU, ARC-Easy or ARC-Challenge")
+        tasks[name] = task
+    return tasks, skipped
 
 
-def _defaults(opts: SFTOptions, device_type: str) -> dict[str, Any]:
-    table = GPU_DEFAULTS if device_type == "cuda" else CPU_PRESET
-    return {k: (getattr(opts, k) if getattr(opts, k) is not None else v) for k, v in table.items()}
+class SFT(PostStage):
+    name = command = "sft"
+    compile_dynamic = True
+    reports_mfu = False
+    nan_hint = "lower --init-lr-frac or check the data"
 
+    def plan(self) -> Plan:
+        from nanoctl.tasks.mixtures import Mixture, build_mixture
 
-def _run(opts: SFTOptions, info: Any, wall0: float) -> StageResult:
-    import torch
+        o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
+        world = self.world_size
+        ref, parent_meta, tag = self.find_parent()
+        T = self.T = self.context_len(parent_meta)
+        B, target = o.device_batch_size, o.target_examples_per_step
+        for name, val in (("--device-batch-size", B), ("--target-examples-per-step", target), ("--num-epochs", o.num_epochs)):
+            if val < 1:
+                raise UsageError(f"{name} must be >= 1, got {val}")
+        if target % (B * world):
+            raise UsageError(
+                f"--target-examples-per-step {target} is not a multiple of --device-batch-size x processes = {B} x {world}",
+                f"use --target-examples-per-step {max(1, round(target / (B * world))) * B * world}",
+            )
+        self.grad_accum = target // (B * world)
+        if o.train_task is not None:
+            val = o.val_task if o.val_task is not None else o.train_task
+            self.mixture = Mixture(o.train_task, val, val_note="library-provided tasks")
+        else:
+            self.mixture = build_mixture("sft", data_dir=o.data_dir, home=self.home, data=o.data, mix=o.mix,
+                                         val_holdout=o.val_holdout)
+        n_train = len(self.mixture.train)
+        iters = o.num_iterations
+        if iters is None or iters <= 0:
+            iters = (n_train // target) * o.num_epochs
+            horizon = f"{o.num_epochs} epoch(s) of {n_train:,} conversations"
+        else:
+            horizon = "--num-iterations" + (" (CPU preset)" if self.opts.num_iterations is None else "")
+        if iters < 1:
+            raise UsageError(f"{n_train} training conversations make 0 steps of {target} examples",
+                             "lower --target-examples-per-step or add data")
+        lines = [
+            f"sft: {ref.stage}/{ref.tag}@{ref.step} -> checkpoints/sft/{tag}",
+            f"preset: {'gpu' if self.device.type == 'cuda' else 'cpu'} defaults; context {T} tokens",
+            f"batch: {target} conversations/step = {B} rows x {world} process(es) x {self.grad_accum} grad accum step(s)"
+            " (rows padded per micro-batch)",
+            f"horizon ({horizon}): {iters:,} steps; LR x{o.init_lr_frac} decaying linearly to 0",
+            f"LRs: embedding {o.embedding_lr}, unembedding {o.unembedding_lr}, matrix {o.matrix_lr},"
+            f" scalar {o.scalar_lr} (AdamW ones scaled by (width/768)^-0.5)",
+            f"eval: val loss every {o.eval_every} steps ({o.eval_steps} batches); accuracy of"
+            f" {', '.join(o.metric_tasks) or 'no task'} every {o.eval_metrics_every} steps"
+            f" (max {o.eval_metrics_max_problems} problems)",
+            "data:", *self.mixture.summary_lines(),
+        ]
+        resume_keys = {
+            "parent": lineage(ref), "--max-seq-len": T, "--device-batch-size": B, "--target-examples-per-step": target,
+            "world size": world, "num_iterations": iters, "train conversations": n_train,
+            "lrs": [o.embedding_lr, o.unembedding_lr, o.matrix_lr, o.scalar_lr, o.init_lr_frac],
+        }
+        meta = {"device_batch_size": B, "max_seq_len": T}
+        return Plan(tag, iters, lines, resume_keys, meta, lineage(ref), T, details={"data": self.mixture.to_dict()})
 
-    from nanoctl.device import resolve_device
-    from nanoctl.dist import all_reduce_mean
-    from nanoctl.tasks.mixtures import Mixture, build_mixture
-    from nanoctl.train import loop as L
-    from nanoctl.train import post as P
+    def optimizer_settings(self) -> tuple[dict[str, float], float, float]:
+        lrs, wd, _ = super().optimizer_settings()
+        return lrs, wd, self.o.init_lr_frac
 
-    device = info.device if info is not None else resolve_device(opts.device)
-    world = info.world_size if info is not None else opts.nproc_per_node * opts.nnodes
-    master = info is None or info.is_master
-    v = _defaults(opts, device.type)
-    ref = P.resolve_parent("sft", opts)
-    parent_meta = P.read_parent_meta(ref)
-    ctx = int(parent_meta["model_config"]["sequence_len"])
-    T = opts.max_seq_len or ctx
-    if T > ctx:
-        raise UsageError(
-            f"--max-seq-len {T} is longer than the model's context ({ctx})",
-            f"use --max-seq-len {ctx} or less",
-        )
-    B = v["device_batch_size"]
-    target = v["target_examples_per_step"]
-    for name, val in (
-        ("--device-batch-size", B),
-        ("--target-examples-per-step", target),
-        ("--num-epochs", opts.num_epochs),
-    ):
-        if val < 1:
-            raise UsageError(f"{name} must be >= 1, got {val}")
-    if target % (B * world):
-        raise UsageError(
-            f"--target-examples-per-step {target} is not a multiple of --device-batch-size x processes = {B} x {world}",
-            f"use --target-examples-per-step {max(1, round(target / (B * world))) * B * world}",
-        )
-    grad_accum = target // (B * world)
+    def start(self, run: Run, saved: dict[str, Any], loader_state: dict[str, Any] | None) -> None:
+        o, info = self.o, run.info
+        self.stats = RenderStats(**((saved.get("data") or {}).get("render") or {}))
+        self.val_loss: float | None = saved.get("val_loss")
+        self.accuracies: dict[str, float] = dict(saved.get("metrics") or {})
+        cursor = (loader_state or {}).get("cursor", 0)
+        self.batches = SFTBatches(run.tokenizer, self.mixture.train, o.device_batch_size, self.T, info.rank,
+                                  info.world_size, cursor, self.stats)
+        self.metric_tasks, skipped = load_metric_tasks(o.metric_tasks, o.data_dir, self.home)
+        for s in skipped:
+            run.print(f"note: quick accuracy skips {s}")
 
-    # data
-    if opts.train_task is not None:
-        train, val = opts.train_task, opts.val_task if opts.val_task is not None else opts.train_task
-        mixture = Mixture(train, val, val_note="library-provided tasks")
-    else:
-        mixture = build_mixture(
-            "sft",
-            data_dir=opts.data_dir,
-            home=opts.home,
-            data=opts.data,
-            mix=opts.mix,
-            val_holdout=opts.val_holdout,
-        )
-    train_task, val_task = mixture.train, mixture.val
-    iters = v["num_iterations"]
-    if iters is None or iters <= 0:
-        iters = (len(train_task) // target) * opts.num_epochs
-        horizon = f"{opts.num_epochs} epoch(s) of {len(train_task):,} conversations"
-    else:
-        horizon = "--num-iterations" + (" (CPU preset)" if opts.num_iterations is None else "")
-    if iters < 1:
-        raise UsageError(
-            f"{len(train_task)} training conversations make 0 steps of {target} examples",
-            "lower --target-examples-per-step or add data",
-        )
-    tag = P.output_tag(opts, ref)
-    plan = [
-        f"sft: {P.lineage(ref)['stage']}/{ref.tag}@{ref.step} -> checkpoints/sft/{tag}",
-        f"preset: {'gpu' if device.type == 'cuda' else 'cpu'} defaults; context {T} tokens",
-        f"batch: {target} conversations/step = {B} rows x {world} process(es) x {grad_accum} grad accum step(s)"
-        " (rows padded per micro-batch)",
-        f"horizon ({horizon}): {iters:,} steps; LR x{v['init_lr_frac']} decaying linearly to 0",
-        f"LRs: embedding {opts.embedding_lr}, unembedding {opts.unembedding_lr}, matrix {opts.matrix_lr},"
-        f" scalar {opts.scalar_lr} (AdamW ones scaled by (width/768)^-0.5)",
-        f"eval: val loss every {v['eval_every']} steps ({v['eval_steps']} batches); accuracy of"
-        f" {', '.join(opts.metric_tasks) or 'no task'} every {v['eval_metrics_every']} steps"
-        f" (max {v['eval_metrics_max_problems']} problems)",
-        "data:",
-        *mixture.summary_lines(),
-    ]
-    if (line := P.launch_line(opts)) is not None:
-        plan.append(line)
-    for line in plan:
-        say(line, master)
-    if opts.dry_run:
-        return StageResult(
-            "sft", tag, "", P.lineage(ref), 0, iters, skipped=True, plan=plan, data=mixture.to_dict()
-        )
+    def loader_state(self) -> dict[str, Any]:
+        return self.batches.state_dict()
 
-    resume_keys = {
-        "parent": P.lineage(ref),
-        "--max-seq-len": T,
-        "--device-batch-size": B,
-        "--target-examples-per-step": target,
-        "world size": world,
-        "num_iterations": iters,
-        "train conversations": len(train_task),
-        "lrs": [opts.embedding_lr, opts.unembedding_lr, opts.matrix_lr, opts.scalar_lr, v["init_lr_frac"]],
-    }
-    out = P.prepare_output("sft", tag, resume_keys, opts, master)
-    if out.done:
-        return P.skipped_result("sft", tag, out, wall0)
+    def step(self, run: Run, step: int) -> StepStats:
+        import torch
 
-    dtype, dtype_reason = P.setup_runtime(opts, info)
-    say(f"compute dtype: {str(dtype).removeprefix('torch.')} ({dtype_reason})", master)
-    model, tokenizer, _ = P.load_parent_model(ref, info, dtype, opts)
-    optimizer = P.setup_optimizer(model, opts, v["init_lr_frac"])
-    resumed = P.restore_training(out, model, optimizer, info, master)
-    loop_state, cursor = resumed.loop_state, resumed.cursor
-    stats = RenderStats(**(resumed.meta.get("data", {}).get("render") or {}))
-    scaler = L.LossScaler(dtype == torch.float16, loop_state.loss_scaler)  # fp16 only, as nanochat
-    train_model = torch.compile(model, dynamic=True) if L.want_compile(opts.compile, device) else model
+        loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+        tokens = 0
+        for _ in range(self.grad_accum):
+            x, y = next(self.batches)
+            x, y = x.to(run.device), y.to(run.device)
+            n_valid = (y >= 0).sum()
+            # sum / count (not reduction="mean"): a micro-batch without targets gives 0, never NaN
+            loss = run.train_model(x, y, loss_reduction="sum") / n_valid.clamp(min=1)
+            loss_sum += loss.detach().double()
+            tokens += int(n_valid.item())
+            run.backward(loss / self.grad_accum)
+        epoch = self.batches.epoch
+        return StepStats(loss_sum / self.grad_accum, tokens * run.info.world_size,
+                         {"supervised_tokens": tokens, "epoch": epoch}, f"epoch {epoch:.2f}")
 
-    batches = SFTBatches(tokenizer, train_task, B, T, info.rank, info.world_size, cursor, stats)
-    metric_tasks, skipped_tasks = P.load_metric_tasks(opts.metric_tasks, opts.data_dir, opts.home)
-    for s in skipped_tasks:
-        say(f"note: quick accuracy skips {s}", master)
+    def evaluate(self, run: Run, step: int, last: bool) -> dict[str, Any]:
+        o, out = self.o, {}
+        if last or (o.eval_every > 0 and step % o.eval_every == 0):
+            self.val_loss = out["val_loss"] = self._val_loss(run)
+            run.print(f"step {step:05d} | validation loss: {self.val_loss:.6f}")
+        if self.metric_tasks and (last or (o.eval_metrics_every > 0 and step % o.eval_metrics_every == 0 and step > 0)):
+            from nanoctl.evaluate.chat import categorical_accuracy
 
-    def val_loss() -> float:
+            for name, task in self.metric_tasks.items():
+                acc = self.accuracies[name] = categorical_accuracy(
+                    run.model, run.tokenizer, task, max_problems=o.eval_metrics_max_problems,
+                    batch_size=o.device_batch_size, device=run.device, rank=run.info.rank,
+                    world_size=run.info.world_size,
+                )
+                run.print(f"step {step:05d} | {name} accuracy: {acc:.4f}")
+                out[f"acc/{name}"] = acc
+        return out
+
+    def _val_loss(self, run: Run) -> float:
         """Token-weighted mean loss over `eval_steps` val batches (all ranks)."""
-        vb = SFTBatches(tokenizer, val_task, B, T, info.rank, info.world_size)
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        model.eval()
+        import torch
+
+        info = run.info
+        vb = SFTBatches(run.tokenizer, self.mixture.val, self.o.device_batch_size, self.T, info.rank, info.world_size)
+        sums = torch.zeros(2, dtype=torch.float64, device=run.device)
+        run.model.eval()
         with torch.no_grad():
-            for _ in range(v["eval_steps"]):
+            for _ in range(self.o.eval_steps):
                 x, y = next(vb)
-                x, y = x.to(device), y.to(device)
-                sums[0] += model(x, y, loss_reduction="sum").double()
+                x, y = x.to(run.device), y.to(run.device)
+                sums[0] += run.model(x, y, loss_reduction="sum").double()
                 sums[1] += (y >= 0).sum()
-        model.train()
+        run.model.train()
         if info.distributed:
             torch.distributed.all_reduce(sums)
         return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
-    start = out.resume_step or 0
-    base_meta = {
-        "stage": "sft",
-        "model_config": model.config.to_dict(),
-        "user_config": P.user_config(opts),
-        "resume_keys": P.jsonable(resume_keys),
-        "parent": P.lineage(ref),
-        "device_batch_size": B,
-        "max_seq_len": T,
-        "num_iterations": iters,
-    }
-    run = P.StageRun(
-        "sft",
-        info,
-        out,
-        iters,
-        start,
-        base_meta,
-        opts.keep_last,
-        opts.wandb_run,
-        {"options": P.user_config(opts)},
-    )
-    if master:
-        from nanoctl.checkpoint import save_tokenizer_copy
+    def state(self) -> dict[str, Any]:
+        return {"val_loss": self.val_loss, "metrics": self.accuracies,
+                "data": {**self.mixture.to_dict(), "render": self.stats.to_dict()}}
 
-        save_tokenizer_copy(out.directory, opts.home)
-    ema = L.LossEMA.from_state(loop_state.ema)
-    last_loss: float | None = None
-    last_val: float | None = (out.saved_meta or {}).get("val_loss")
-    accuracies: dict[str, float] = dict((out.saved_meta or {}).get("metrics", {}))
-    step = start
+    def done_line(self, run: Run) -> str:
+        note = ""
+        if self.stats.cropped or self.stats.dropped:
+            note = (f"note: {self.stats.cropped} conversation(s) cropped to the {self.T}-token context,"
+                    f" {self.stats.dropped} dropped (no assistant token left)\n")
+        val = self.val_loss if self.val_loss is None else round(self.val_loss, 4)
+        return note + f"done: {run.step} steps; final val loss {val}; checkpoint {run.directory}"
 
-    def data_meta() -> dict[str, Any]:
-        return {**mixture.to_dict(), "render": stats.to_dict()}
 
-    def save(final: bool) -> None:
-        loop_state.step = step
-        loop_state.ema = ema.state_dict()
-        run.save(
-            step,
-            model,
-            optimizer,
-            final,
-            loader_state=L.gather_loader_state(batches.state_dict()),
-            loop_state=loop_state.to_dict(),
-            train_loss=last_loss,
-            val_loss=last_val,
-            metrics=accuracies,
-            data=data_meta(),
-        )
-
-    try:
-        with run.stop:
-            while True:
-                last = step == iters
-                if last:
-                    save(final=True)
-                elif opts.save_every > 0 and step % opts.save_every == 0 and step != start:
-                    save(final=False)
-                fresh = not (step == start and out.resume_step is not None)
-                if fresh and (last or (v["eval_every"] > 0 and step % v["eval_every"] == 0)):
-                    last_val = val_loss()
-                    run.print(f"step {step:05d} | validation loss: {last_val:.6f}")
-                    run.metrics.log(step, val_loss=last_val)
-                if (
-                    fresh
-                    and metric_tasks
-                    and (
-                        last
-                        or (v["eval_metrics_every"] > 0 and step % v["eval_metrics_every"] == 0 and step > 0)
-                    )
-                ):
-                    for name, task in metric_tasks.items():
-                        accuracies[name] = categorical_acc = P.categorical_accuracy(
-                            model, tokenizer, task, v["eval_metrics_max_problems"], B, info
-                        )
-                        run.print(f"step {step:05d} | {name} accuracy: {categorical_acc:.4f}")
-                    run.metrics.log(step, **{f"acc/{k}": a for k, a in accuracies.items()})
-                if last:
-                    break
-                if run.stop.should_stop(device):
-                    if step != start:
-                        save(final=False)
-                    raise Interrupted(
-                        f"stopped at step {step}/{iters}; checkpoint saved in {out.directory}",
-                        "rerun the same command to resume",
-                    )
-
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                tokens = 0
-                for _ in range(grad_accum):
-                    x, y = next(batches)
-                    x, y = x.to(device), y.to(device)
-                    n_valid = (y >= 0).sum()
-                    # sum / count (not reduction="mean"): a micro-batch without targets gives 0, never NaN
-                    loss = train_model(x, y, loss_reduction="sum") / n_valid.clamp(min=1)
-                    loss_sum += loss.detach().double()
-                    tokens += int(n_valid.item())
-                    scaler.scale_loss(loss / grad_accum).backward()
-                lrm = 1.0 - step / iters
-                L.apply_schedules(optimizer, lrm)
-                if scaler.unscale_and_check(optimizer):
-                    optimizer.step()
-                else:
-                    say(f"step {step}: fp16 gradients overflowed; skipped, loss scale {scaler.scale:g}", master)
-                model.zero_grad(set_to_none=True)
-                loop_state.loss_scaler = scaler.state_dict()
-                train_loss = all_reduce_mean(float(loss_sum.item()) / grad_accum, device)
-                dt = time.perf_counter() - t0
-                if not math.isfinite(train_loss):
-                    raise NanoctlError(
-                        f"training loss became {train_loss} at step {step}",
-                        "lower --init-lr-frac or check the data",
-                    )
-                step += 1
-                last_loss = train_loss
-                smooth = ema.update(train_loss)
-                if step - start > 10:
-                    loop_state.total_training_time += dt
-                run.step_times.append(dt)
-                run.reporter.step(
-                    L.StepLine(
-                        step,
-                        iters,
-                        smooth,
-                        lrm,
-                        dt,
-                        tokens * info.world_size / dt,
-                        None,
-                        loop_state.total_training_time,
-                        run.eta(iters - step),
-                        extra=f"epoch {batches.epoch:.2f}",
-                    ),
-                    advance_to=step,
-                )
-                run.metrics.log(
-                    step,
-                    loss=train_loss,
-                    loss_ema=smooth,
-                    lrm=lrm,
-                    dt=dt,
-                    supervised_tokens=tokens,
-                    epoch=batches.epoch,
-                )
-    finally:
-        run.close()
-
-    data = data_meta()
-    if master:  # the final checkpoint was written before the final evals: record their results too
-        P.update_meta(out.directory, step, val_loss=last_val, metrics=accuracies)
-    if stats.cropped or stats.dropped:
-        say(
-            f"note: {stats.cropped} conversation(s) cropped to the {T}-token context, {stats.dropped} dropped (no assistant token left)",
-            master,
-        )
-    say(
-        f"done: {iters} steps; final val loss {last_val if last_val is None else round(last_val, 4)}; checkpoint {out.directory}",
-        master,
-    )
-    return StageResult(
-        stage="sft",
-        model_tag=tag,
-        checkpoint_dir=str(out.directory),
-        parent=P.lineage(ref),
-        final_step=step,
-        num_iterations=iters,
-        final_loss=last_loss,
-        val_loss=last_val,
-        metrics=accuracies,
-        data=data,
-        total_training_time=loop_state.total_training_time,
-        wall_time=time.perf_counter() - wall0,
-        resumed_from=out.resume_step,
-        plan=plan,
-    )
+def sft(opts: SFTOptions, home: Any = None) -> StageResult:
+    """Fine-tune on conversations; see the module docstring."""
+    return run_stage(SFT, opts, home)

@@ -1,0 +1,108 @@
+"""Post-training starts from a parent checkpoint: the options that choose it, its lookup, and the
+`PostStage` base that loads it (mid, sft and rl).
+
+The stage chain is base -> mid -> sft -> rl. Each stage starts from its parent's latest checkpoint (sft
+falls back to base when there is no mid), writes `<home>/checkpoints/<stage>/<tag>/` with the parent in
+the meta (`parent`: {stage, tag, step}) and logs `<home>/reports/<tag>/<stage>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.options import OUTPUT, START, option
+from nanoctl.train.stage import Run, Stage, StageOptions
+
+# Where each stage starts from, in order of preference, and what to run when there is none.
+PARENTS: dict[str, tuple[str, ...]] = {"mid": ("base",), "sft": ("mid", "base"), "rl": ("sft",)}
+MISSING_PARENT_HINT = {
+    "mid": "`nanoctl pretrain`",
+    "sft": "`nanoctl pretrain` (and `nanoctl mid`)",
+    "rl": "`nanoctl sft`",
+}
+
+
+@dataclass
+class PostOptions(StageOptions):
+    """Options every post-training stage has (see each stage's Options for the rest)."""
+
+    source: str | None = option(
+        None, help="Parent stage: base, mid, sft (unset: the stage's natural parent).", panel=START
+    )
+    model_tag: str | None = option(None, help="Parent checkpoint tag (unset: the largest d<N>).", panel=START)
+    model_step: int | None = option(None, help="Parent checkpoint step (unset: its latest).", panel=START)
+    checkpoint: str | None = option(None, help="Start from this checkpoint directory instead.", panel=START)
+    output_tag: str | None = option(
+        None, help="Tag of the checkpoints written (unset: the parent's tag).", panel=OUTPUT
+    )
+
+
+def resolve_parent(stage: str, opts: PostOptions, home: Any) -> Any:
+    """The checkpoint this stage starts from; an error naming the command to run when there is none."""
+    from nanoctl.checkpoint import STAGE_COMMANDS, find_checkpoint, resolve_checkpoint_path
+
+    if opts.checkpoint:
+        return resolve_checkpoint_path(opts.checkpoint, opts.model_step)
+    if opts.source:
+        if opts.source not in STAGE_COMMANDS:
+            raise UsageError(f"--source {opts.source!r} is not one of base, mid, sft, rl")
+        return find_checkpoint(opts.source, opts.model_tag, opts.model_step, home=home)
+    for parent in PARENTS[stage]:
+        try:
+            return find_checkpoint(parent, opts.model_tag, opts.model_step, home=home)
+        except NanoctlError:
+            continue
+    tag = f" with tag {opts.model_tag!r}" if opts.model_tag else ""
+    raise NanoctlError(
+        f"no {' or '.join(PARENTS[stage])} checkpoint{tag} to start {stage} from",
+        f"run {MISSING_PARENT_HINT[stage]} first (or pass --checkpoint DIR)",
+    )
+
+
+def read_parent_meta(ref: Any) -> dict[str, Any]:
+    import json
+
+    from nanoctl.checkpoint import meta_path
+
+    return json.loads(meta_path(ref.directory, ref.step).read_text())
+
+
+def lineage(ref: Any) -> dict[str, Any]:
+    return {"stage": ref.stage, "tag": ref.tag, "step": ref.step}
+
+
+class PostStage(Stage):
+    """A stage that continues a parent checkpoint (mid, sft, rl)."""
+
+    @classmethod
+    def prepare_home(cls, home: Any) -> None:
+        # The packaged identity conversations and word list make mid/sft/rl work offline on a fresh home.
+        from nanoctl.tasks.starter import install_starter_task_data
+
+        install_starter_task_data(home)
+
+    def find_parent(self) -> tuple[Any, dict[str, Any], str]:
+        """(parent ref, its meta, the output tag)."""
+        self.ref = resolve_parent(self.name, self.opts, self.home)
+        return self.ref, read_parent_meta(self.ref), self.opts.output_tag or self.ref.tag
+
+    def context_len(self, parent_meta: dict[str, Any]) -> int:
+        """--max-seq-len, checked against the parent's context (default: the whole context)."""
+        ctx = int(parent_meta["model_config"]["sequence_len"])
+        T = getattr(self.opts, "max_seq_len", None) or ctx
+        if T > ctx:
+            raise UsageError(f"--max-seq-len {T} is longer than the model's context ({ctx})",
+                             f"use --max-seq-len {ctx} or less")
+        return T
+
+    def load_model(self, run: Run) -> tuple[Any, Any]:
+        from nanoctl.checkpoint import load_model
+
+        model, tokenizer, _ = load_model(self.ref, device=run.device, dtype=run.dtype, home=self.home, phase="train")
+        return model, tokenizer
+
+    def result(self, run: Run) -> dict[str, Any]:
+        state = self.state()
+        return {"val_loss": state.get("val_loss"), "metrics": state.get("metrics", {}), "data": state.get("data", {})}
