@@ -21,9 +21,14 @@ from nanoctl.data.download import DownloadOptions
 from nanoctl.data.ingest import IngestOptions
 from nanoctl.evaluate.base import BaseEvalOptions
 from nanoctl.evaluate.chat import ChatEvalOptions
+from nanoctl.options import cli_fields
 from nanoctl.report import ReportOptions
 from nanoctl.tok_eval import TokEvalOptions
 from nanoctl.tok_train import TokTrainOptions
+from nanoctl.train.mid import MidOptions
+from nanoctl.train.pretrain import PretrainOptions
+from nanoctl.train.rl import RLOptions
+from nanoctl.train.sft import SFTOptions
 
 Field = str | tuple[str, Callable[[Any], Any]]
 
@@ -113,6 +118,11 @@ ROWS: list[tuple[tuple[str, ...], type, dict[str, Field]]] = [
         },
     ),
     (("report",), ReportOptions, {**same("html", "output"), "open_": "open"}),
+    # the training commands are derived from their options: every CLI field maps onto itself
+    *[
+        ((name,), cls, same(*(f.name for f in cli_fields(cls))))
+        for name, cls in (("pretrain", PretrainOptions), ("mid", MidOptions), ("sft", SFTOptions), ("rl", RLOptions))
+    ],
 ]
 
 

@@ -15,6 +15,7 @@ its schedule and its evaluation hook (`evaluate`). `run_stage` does the rest, th
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -388,6 +389,8 @@ class Run:
         self.ema: Any = None
         self.peak: float | None = None
         self.flops_per_token = 0.0
+        # a test aid, read once here: kill tests pause after each step to land between checkpoints
+        self.step_sleep = float(os.environ.get("NANOCTL_STEP_SLEEP", "0") or 0)
         self.last_saved: int | None = out.resume_step
 
     def print(self, msg: str) -> None:
@@ -559,6 +562,8 @@ def _loop(run: Run) -> None:
                     )
                 _step(run)
                 gcf.after_step(run.step)
+                if run.step_sleep:
+                    time.sleep(run.step_sleep)
     finally:
         gcf.close()
         run.reporter.close()
