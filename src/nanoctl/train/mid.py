@@ -19,45 +19,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
-from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, apply_preset, option
+from nanoctl.options import OPTIMIZATION, OUTPUT, apply_preset, option
 from nanoctl.tokenizer import RENDER_ALL
-from nanoctl.train.parent import PostOptions, PostStage, lineage
+from nanoctl.train.parent import MixtureOptions, PostStage, lineage
 from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
 @dataclass
-class MidOptions(PostOptions):
+class MidOptions(MixtureOptions):
     """Options of `nanoctl mid`. None = the device preset (GPU_PRESET on CUDA, else CPU_PRESET)."""
 
-    data_dir: str | None = option(
-        None, help="Directory holding task datasets in their original formats (gsm8k/train.jsonl, mmlu/test/*.csv, ...).",
-        panel=DATA,
-    )
-    data: list[str] = option(
-        help='Conversations JSONL (one {"messages": [...]} or message list per line); repeatable.'
-        " Replaces the mixture unless --mix.", panel=DATA, factory=list,
-    )
-    mix: bool = option(False, help="Add --data to the stage's task mixture instead of replacing it.", panel=DATA)
-    val_holdout: int | None = option(
-        None, help="Hold out this many training conversations as validation when the mixture has no val split.",
-        panel=DATA,
-    )
     num_iterations: int | None = option(None, help="Optimizer steps; -1 = one epoch over the mixture.", panel=OPTIMIZATION)
     device_batch_size: int | None = option(None, help="Rows per forward pass per process.", panel=OPTIMIZATION)
     total_batch_size: int | None = option(
         None, help="Tokens per optimizer step; -1 = one micro-batch per process.", unit="tokens", panel=OPTIMIZATION
     )
     max_seq_len: int | None = option(None, help="Tokens per row (unset: the model's context).", unit="tokens", panel=OPTIMIZATION)
-    embedding_lr: float = option(0.2, help="AdamW LR of the token embedding.", panel=OPTIMIZATION)
-    unembedding_lr: float = option(0.004, help="AdamW LR of the output head.", panel=OPTIMIZATION)
-    matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
-    scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
-    weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
     init_lr_frac: float = option(1.0, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
     eval_every: int | None = option(None, help="Val bpb every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
     eval_tokens: int | None = option(None, help="Val tokens per eval (-1 = 4 micro-batches).", unit="tokens", panel=OUTPUT)
-    train_task: Any = option(None, help="A Task to train on instead of the mixture.", cli=False)
-    val_task: Any = option(None, help="A Task to validate on.", cli=False)
 
 
 GPU_PRESET = MidOptions(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
-from nanoctl.options import OUTPUT, START, option
+from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, START, option
 from nanoctl.train.stage import Run, Stage, StageOptions
 
 # Where each stage starts from, in order of preference, and what to run when there is none.
@@ -37,6 +37,32 @@ class PostOptions(StageOptions):
     output_tag: str | None = option(
         None, help="Tag of the checkpoints written (unset: the parent's tag).", panel=OUTPUT
     )
+    data_dir: str | None = option(
+        None, help="Directory holding task datasets in their original formats (gsm8k/train.jsonl, mmlu/test/*.csv, ...).",
+        panel=DATA,
+    )
+    embedding_lr: float = option(0.2, help="AdamW LR of the token embedding.", panel=OPTIMIZATION)
+    unembedding_lr: float = option(0.004, help="AdamW LR of the output head.", panel=OPTIMIZATION)
+    matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
+    scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
+    weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
+
+
+@dataclass
+class MixtureOptions(PostOptions):
+    """Options of the stages that train on a conversation mixture (mid, sft)."""
+
+    data: list[str] = option(
+        help='Conversations JSONL (one {"messages": [...]} or message list per line); repeatable.'
+        " Replaces the mixture unless --mix.", panel=DATA, factory=list,
+    )
+    mix: bool = option(False, help="Add --data to the stage's task mixture instead of replacing it.", panel=DATA)
+    val_holdout: int | None = option(
+        None, help="Hold out this many training conversations as validation when the mixture has no val split.",
+        panel=DATA,
+    )
+    train_task: Any = option(None, help="A Task to train on instead of the mixture.", cli=False)
+    val_task: Any = option(None, help="A Task to validate on.", cli=False)
 
 
 def resolve_parent(stage: str, opts: PostOptions, home: Any) -> Any:

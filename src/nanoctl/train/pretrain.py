@@ -245,27 +245,18 @@ def plan_pretrain(opts: PretrainOptions, vocab_size: int, device_type: str, worl
     )
 
 
-SAMPLE_PROMPTS = (
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-)
-
-
-def greedy_samples(model: Any, tokenizer: Any, prompts: tuple[str, ...] = SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
-    """Greedy continuations of fixed prompts (rank 0 only; the uncompiled model)."""
+def greedy_samples(model: Any, tokenizer: Any, max_tokens: int = 16) -> list[str]:
+    """Greedy continuations of nanochat's sample prompts (rank 0 only; the uncompiled model)."""
     import torch
+
+    from nanoctl.evaluate.base import SAMPLE_PROMPTS
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = []
-            for prompt in prompts:
+            for prompt in SAMPLE_PROMPTS:
                 ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
                 out.append(prompt + tokenizer.decode(list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))))
             return out

@@ -27,9 +27,6 @@ class RLOptions(PostOptions):
     """Options of `nanoctl rl`. None = the device preset (GPU_PRESET on CUDA, else CPU_PRESET)."""
 
     task: str = option("GSM8K", help="Task with a verifiable reward: GSM8K or SpellingBee.", panel=DATA)
-    data_dir: str | None = option(
-        None, help="Directory holding task datasets in their original formats (gsm8k/train.jsonl, ...).", panel=DATA
-    )
     num_epochs: int = option(1, help="Epochs over the train split when --num-iterations is -1.", panel=OPTIMIZATION)
     num_iterations: int | None = option(None, help="Optimizer steps; -1 = --num-epochs over the train split.", panel=OPTIMIZATION)
     device_batch_size: int | None = option(None, help="Sequences per rollout/forward chunk per process.", panel=OPTIMIZATION)
@@ -38,11 +35,6 @@ class RLOptions(PostOptions):
     max_new_tokens: int | None = option(None, help="Longest rollout.", unit="tokens", panel=OPTIMIZATION)
     temperature: float = option(1.0, help="Rollout sampling temperature.", panel=OPTIMIZATION)
     top_k: int = option(50, help="Rollout top-k.", panel=OPTIMIZATION)
-    embedding_lr: float = option(0.2, help="AdamW LR of the token embedding.", panel=OPTIMIZATION)
-    unembedding_lr: float = option(0.004, help="AdamW LR of the output head.", panel=OPTIMIZATION)
-    matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
-    scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
-    weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
     init_lr_frac: float = option(0.05, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
     eval_every: int | None = option(None, help="pass@k every N steps (-1 = never).", unit="steps", panel=OUTPUT)
     eval_examples: int | None = option(None, help="Held-out questions per pass@k eval.", panel=OUTPUT)

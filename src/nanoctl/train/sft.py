@@ -19,38 +19,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
-from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, RUNTIME, apply_preset, option
-from nanoctl.train.parent import PostOptions, PostStage, lineage
+from nanoctl.options import OPTIMIZATION, OUTPUT, RUNTIME, apply_preset, option
+from nanoctl.train.parent import MixtureOptions, PostStage, lineage
 from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
 @dataclass
-class SFTOptions(PostOptions):
+class SFTOptions(MixtureOptions):
     """Options of `nanoctl sft`. None = the device preset (GPU_PRESET on CUDA, else CPU_PRESET)."""
 
-    data_dir: str | None = option(
-        None, help="Directory holding task datasets in their original formats (gsm8k/train.jsonl, mmlu/test/*.csv, ...).",
-        panel=DATA,
-    )
-    data: list[str] = option(
-        help='Conversations JSONL (one {"messages": [...]} or message list per line); repeatable.'
-        " Replaces the mixture unless --mix.", panel=DATA, factory=list,
-    )
-    mix: bool = option(False, help="Add --data to the stage's task mixture instead of replacing it.", panel=DATA)
-    val_holdout: int | None = option(
-        None, help="Hold out this many training conversations as validation when the mixture has no val split.",
-        panel=DATA,
-    )
     num_epochs: int = option(1, help="Epochs over the mixture when --num-iterations is -1.", panel=OPTIMIZATION)
     num_iterations: int | None = option(None, help="Optimizer steps; -1 = --num-epochs over the mixture.", panel=OPTIMIZATION)
     device_batch_size: int | None = option(None, help="Conversations per forward pass per process.", panel=OPTIMIZATION)
     target_examples_per_step: int | None = option(None, help="Conversations per optimizer step.", panel=OPTIMIZATION)
     max_seq_len: int | None = option(None, help="Tokens per row (unset: the model's context).", unit="tokens", panel=OPTIMIZATION)
-    embedding_lr: float = option(0.2, help="AdamW LR of the token embedding.", panel=OPTIMIZATION)
-    unembedding_lr: float = option(0.004, help="AdamW LR of the output head.", panel=OPTIMIZATION)
-    matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
-    scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
-    weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
     init_lr_frac: float | None = option(None, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
     eval_every: int | None = option(None, help="Val loss every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
     eval_steps: int | None = option(None, help="Val batches per eval.", panel=OUTPUT)
@@ -65,8 +47,6 @@ class SFTOptions(PostOptions):
     # variable-length batches: compiling would recompile per shape
     compile: str = option("off", help="torch.compile: auto (CUDA only), on, off.", panel=RUNTIME)
     # library only: train/validate on these Task objects instead of the mixture
-    train_task: Any = option(None, help="A Task to train on instead of the mixture.", cli=False)
-    val_task: Any = option(None, help="A Task to validate on.", cli=False)
 
 
 GPU_PRESET = SFTOptions(
