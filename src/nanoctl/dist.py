@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,10 +181,14 @@ def torchrun_command(
     if nnodes == 1:
         cmd.append("--standalone")
     else:
+        # static rendezvous: the only backend that honours --node-rank (c10d ignores it and hands out
+        # node ranks in join order), so global rank = node_rank * nproc_per_node + local_rank and global
+        # rank 0 -- the one that prints and writes model + meta -- is on node 0, which hosts the store
+        # at the endpoint.
         cmd += [
             f"--nnodes={nnodes}",
             f"--node-rank={node_rank}",
-            "--rdzv-backend=c10d",
+            "--rdzv-backend=static",
             f"--rdzv-endpoint={rdzv_endpoint}",
         ]
     if log_dir:
@@ -244,13 +250,29 @@ def relaunch_with_torchrun(
         for t in threads:
             t.start()
         interrupted = False
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:
-                # the workers got the same Ctrl+C: they save a checkpoint and exit 130; wait for them
-                interrupted = True
+        # SIGTERM (a scheduler's preemption, `kill`) takes the Ctrl+C path instead of killing this
+        # process and orphaning torchrun with nobody reading its output or reporting the exit.
+        old_term = _catch_sigterm()
+        try:
+            while True:
+                try:
+                    rc = proc.wait()
+                    break
+                except KeyboardInterrupt:
+                    # Ctrl+C / a process-group SIGTERM reached torchrun too, which passes it to the
+                    # workers once: they save a checkpoint and exit 130. A SIGTERM sent to this process
+                    # alone did not: pass it on, unless torchrun says it is already shutting down.
+                    if _TERM_RECEIVED[0] and not interrupted and proc.poll() is None:
+                        deadline = time.monotonic() + 1.0
+                        while time.monotonic() < deadline and not any(
+                            "death signal" in ln for ln in launcher_lines
+                        ):
+                            time.sleep(0.05)
+                        if proc.poll() is None and not any("death signal" in ln for ln in launcher_lines):
+                            proc.send_signal(signal.SIGTERM)
+                    interrupted = True
+        finally:
+            _restore_sigterm(old_term)
         for t in threads:
             t.join(timeout=5)
         if rc == 0:
@@ -276,6 +298,27 @@ def relaunch_with_torchrun(
 
 
 _PREFIX = re.compile(r"^\[default\d+\]:")
+_TERM_RECEIVED = [False]
+
+
+def _catch_sigterm() -> Any:
+    """Turn SIGTERM into KeyboardInterrupt (main thread only); returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum: int, frame: Any) -> None:
+        _TERM_RECEIVED[0] = True
+        raise KeyboardInterrupt
+
+    _TERM_RECEIVED[0] = False
+    return signal.signal(signal.SIGTERM, on_term)
+
+
+def _restore_sigterm(old: Any) -> None:
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
 
 
 def describe_failure(log_dir: Path, launcher_log: str = "") -> tuple[int, int, str] | None:
