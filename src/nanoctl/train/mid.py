@@ -7,8 +7,8 @@
   cropped (a long conversation simply spans blocks) and the loss covers every token, as nanochat.
 - Horizon: one epoch over the mixture (`--num-iterations -1`) or a fixed number of steps.
 - LR: constant for the first 80% of progress, then linearly to 0. Muon momentum 0.85 -> 0.95 over 300 steps.
-- Val bpb every `eval_every` steps. Resume restarts the stream at the next unread conversation (the partly
-  used block is skipped, never repeated), like the pretraining loader.
+- Val bpb every `eval_every` steps. Resume continues the stream exactly: the checkpoint records how many
+  conversations were pulled in and how many of their tokens were still unread, and the tail is re-rendered.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class MidBatches:
         rank: int = 0,
         world_size: int = 1,
         cursor: int = 0,
+        buffered: int = 0,
     ) -> None:
         self.tokenizer, self.task = tokenizer, task
         self.B, self.T = batch_size, seq_len
@@ -73,6 +74,8 @@ class MidBatches:
             raise NanoctlError(f"not enough conversations ({len(task)}) for {world_size} process(es)")
         self.buffer: deque[int] = deque()
         self.wrapped = cursor >= self.per_epoch
+        if buffered:
+            self._restore_buffer(buffered)
         self.rendered = 0
 
     @property
@@ -81,7 +84,22 @@ class MidBatches:
         return self.cursor / self.per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.cursor}
+        return {"cursor": self.cursor, "buffered": len(self.buffer)}
+
+    def _render(self, position: int) -> list[int]:
+        index = self.rank + (position % self.per_epoch) * self.world
+        ids, _ = self.tokenizer.render_conversation(self.task[index], max_tokens=RENDER_ALL)
+        return ids
+
+    def _restore_buffer(self, n: int) -> None:
+        """Rebuild the stream's unread tail (the last `n` tokens pulled in) by rendering the conversations
+        before `cursor` again, so a resume continues mid-conversation exactly where the stream stopped."""
+        tail: list[int] = []
+        position = self.cursor
+        while len(tail) < n and position > 0:
+            position -= 1
+            tail = self._render(position) + tail
+        self.buffer.extend(tail[len(tail) - n :])
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         return self
@@ -91,8 +109,7 @@ class MidBatches:
 
         needed = self.B * self.T + 1
         while len(self.buffer) < needed:
-            index = self.rank + (self.cursor % self.per_epoch) * self.world
-            ids, _ = self.tokenizer.render_conversation(self.task[index], max_tokens=RENDER_ALL)
+            ids = self._render(self.cursor)
             self.buffer.extend(ids)
             self.rendered += 1
             self.cursor += 1
@@ -182,9 +199,9 @@ class Mid(PostStage):
         self.val_bpb: float | None = loop.get("val_bpb")
         self.min_val_bpb = loop.get("min_val_bpb") or float("inf")
         self.token_bytes = load_token_bytes(self.home, device=run.device)
-        cursor = (loader_state or {}).get("cursor", 0)
+        state = loader_state or {}
         self.batches = MidBatches(run.tokenizer, self.mixture.train, self.o.device_batch_size, self.T, info.rank,
-                                  info.world_size, cursor)
+                                  info.world_size, state.get("cursor", 0), state.get("buffered", 0))
 
     def loader_state(self) -> dict[str, Any]:
         return self.batches.state_dict()
