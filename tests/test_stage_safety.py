@@ -310,15 +310,24 @@ def test_rows_without_assistant_tokens_in_context_never_give_nan(safe_home: Path
     assert "dropped (no assistant token left)" in err
 
 
-def test_diverging_run_stops_with_one_line_and_leaves_only_finite_checkpoints(safe_home: Path) -> None:
-    args = [*stage_args("sft", safe_home), "--matrix-lr", "1e30", "--embedding-lr", "1e30", "--unembedding-lr",
-            "1e30", "--scalar-lr", "1e30"]  # fmt: skip
+@pytest.mark.parametrize(
+    ("lr", "stops_on"),
+    [
+        ("1e30", "training loss became nan at step 2"),  # weights huge but finite after step 1: the loss check
+        ("1e38", "training weights became non-finite at step 1"),  # step 1's update overflows: caught at the save
+    ],
+)
+def test_diverging_run_stops_with_one_line_and_leaves_only_finite_checkpoints(
+    lr: str, stops_on: str, safe_home: Path
+) -> None:
+    args = [*stage_args("sft", safe_home), "--matrix-lr", lr, "--embedding-lr", lr, "--unembedding-lr", lr,
+            "--scalar-lr", lr]  # fmt: skip
     args[args.index("--save-every") + 1] = "1"
     code, err = finish(cli(safe_home, *args))
     assert code == 1, err
     errors = error_lines(err)
     assert len(errors) == 1, err
-    assert "training loss became" in errors[0] and "at step" in errors[0], errors[0]
+    assert "became" in errors[0] and "at step" in errors[0] and stops_on in errors[0], errors[0]
     assert "Traceback" not in err
     hint = [line for line in err.splitlines() if line.startswith("hint:")]
     assert len(hint) == 1 and "lr" in hint[0].lower(), err

@@ -414,9 +414,18 @@ class Run:
         return estimate(self.step) if estimate else max(self.step, 1)
 
     def save(self, final: bool) -> None:
+        import torch
+
         from nanoctl.train.resume import gather_loader_state, save_training_checkpoint
         from nanoctl.train.runtime import rng_state_b64
 
+        # The loss check sees the loss *before* each update: an update can still blow the weights up (a huge
+        # LR). Never write those: the previous checkpoint stays the last good one. One sync, only when saving.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            kept = f"the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved is not None \
+                else "no checkpoint was written"
+            raise NanoctlError(f"training weights became non-finite at step {self.step}; stopped: {kept}",
+                               self.stage.nan_hint)
         num = self.step if final and self.plan.num_steps <= 0 else self.plan.num_steps
         meta = {
             "step": self.step, "stage": self.stage.name, "model_config": self.model.config.to_dict(),
