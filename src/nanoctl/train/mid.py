@@ -140,8 +140,6 @@ class Mid(PostStage):
     name = command = "mid"
 
     def plan(self) -> Plan:
-        from nanoctl.tasks.mixtures import Mixture, build_mixture
-
         o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
         world = self.world_size
         ref, parent_meta, tag = self.find_parent()
@@ -158,12 +156,7 @@ class Mid(PostStage):
             )
         self.grad_accum = total // per_step
         self.eval_steps = max(1, (o.eval_tokens if o.eval_tokens > 0 else 4 * per_step) // per_step)
-        if o.train_task is not None:
-            val = o.val_task if o.val_task is not None else o.train_task
-            self.mixture = Mixture(o.train_task, val, val_note="library-provided tasks")
-        else:
-            self.mixture = build_mixture("mid", data_dir=o.data_dir, home=self.home, data=o.data, mix=o.mix,
-                                         val_holdout=o.val_holdout)
+        self.mixture = self.mixture_of_options()
         iters = o.num_iterations if o.num_iterations and o.num_iterations > 0 else -1
         horizon = (
             f"{iters:,} steps" + (" (CPU preset)" if self.opts.num_iterations is None else "")

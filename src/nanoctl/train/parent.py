@@ -123,6 +123,17 @@ class PostStage(Stage):
                              f"use --max-seq-len {ctx} or less")
         return T
 
+    def mixture_of_options(self) -> Any:
+        """The conversation mixture of mid/sft: library-given Tasks, else the stage's mixture + --data."""
+        from nanoctl.tasks.mixtures import Mixture, build_mixture
+
+        o = self.o
+        if o.train_task is not None:
+            val = o.val_task if o.val_task is not None else o.train_task
+            return Mixture(o.train_task, val, val_note="library-provided tasks")
+        return build_mixture(self.name, data_dir=o.data_dir, home=self.home, data=o.data, mix=o.mix,
+                             val_holdout=o.val_holdout)
+
     def load_model(self, run: Run) -> tuple[Any, Any]:
         from nanoctl.checkpoint import load_model
 

@@ -180,8 +180,6 @@ class SFT(PostStage):
     nan_hint = "lower --init-lr-frac or check the data"
 
     def plan(self) -> Plan:
-        from nanoctl.tasks.mixtures import Mixture, build_mixture
-
         o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
         world = self.world_size
         ref, parent_meta, tag = self.find_parent()
@@ -196,12 +194,7 @@ class SFT(PostStage):
                 f"use --target-examples-per-step {max(1, round(target / (B * world))) * B * world}",
             )
         self.grad_accum = target // (B * world)
-        if o.train_task is not None:
-            val = o.val_task if o.val_task is not None else o.train_task
-            self.mixture = Mixture(o.train_task, val, val_note="library-provided tasks")
-        else:
-            self.mixture = build_mixture("sft", data_dir=o.data_dir, home=self.home, data=o.data, mix=o.mix,
-                                         val_holdout=o.val_holdout)
+        self.mixture = self.mixture_of_options()
         n_train = len(self.mixture.train)
         iters = o.num_iterations
         if iters is None or iters <= 0:

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -152,7 +152,6 @@ class Stage:
     def __init__(self, opts: Any, home: Home, device: torch.device, world_size: int) -> None:
         self.opts, self.home, self.device, self.world_size = opts, home, device, world_size
         self.o = opts  # the options with the device preset applied (set by `plan`)
-        self.resumed = False
 
     @classmethod
     def prepare_home(cls, home: Home) -> None:
@@ -196,6 +195,13 @@ class Stage:
 
     def finished(self, run: Run, step: int, num_steps: int) -> bool:
         return step >= num_steps
+
+    def estimated_steps(self, step: int) -> int:
+        """The horizon to show when the plan has none (num_steps -1, e.g. mid's one epoch)."""
+        return max(step, 1)
+
+    def close(self) -> None:
+        """Release data loaders (background threads) when the loop ends, however it ends."""
 
     def state(self) -> dict[str, Any]:
         """The stage's own meta keys (eval results, data summary), saved with every checkpoint."""
@@ -356,8 +362,7 @@ def prepare_output(stage: Stage, plan: Plan, master: bool) -> Output:
 def _run_lock(directory: Path, master: bool) -> Iterator[None]:
     """Global rank 0 holds the run directory's advisory lock for the whole run."""
     if not master:
-        with nullcontext():
-            yield
+        yield
         return
     from nanoctl.checkpoint import lock_run_dir
 
@@ -375,6 +380,7 @@ class Run:
         self.device, self.master, self.home = info.device, info.is_master, stage.home
         self.directory = out.directory
         self.start = self.step = out.resume_step or 0
+        self.resumed = out.resume_step is not None
         self.loop = LoopState()
         self.model: Any = None  # the uncompiled module: evals, sampling and saving use it
         self.train_model: Any = None  # what the training step calls (compiled when asked)
@@ -410,8 +416,7 @@ class Run:
         """The horizon for display: the plan's, or the stage's estimate (mid's epoch)."""
         if self.plan.num_steps > 0:
             return self.plan.num_steps
-        estimate = getattr(self.stage, "estimated_steps", None)
-        return estimate(self.step) if estimate else max(self.step, 1)
+        return self.stage.estimated_steps(self.step)
 
     def save(self, final: bool) -> None:
         import torch
@@ -483,7 +488,6 @@ def _build(run: Run) -> None:
     run.model, run.tokenizer = stage.load_model(run)
     run.optimizer = setup_optimizer(run.model, *stage.optimizer_settings())
     loader_state = _restore(run) if out.resume_step is not None else None
-    stage.resumed = out.resume_step is not None
     run.scaler = LossScaler(run.dtype == torch.float16, run.loop.loss_scaler)  # fp16 only, as nanochat
     stage.start(run, out.saved_meta, loader_state)
     run.train_model = run.model
@@ -556,14 +560,14 @@ def _loop(run: Run) -> None:
                     run.save(final=True)
                 elif opts.save_every > 0 and run.step % opts.save_every == 0 and run.step != run.start:
                     run.save(final=False)
-                if not (run.step == run.start and stage.resumed):
+                if not (run.step == run.start and run.resumed):
                     evals = stage.evaluate(run, run.step, last)
                     if evals:
                         run.metrics.log(run.step, **evals)
                 if last:
                     break
                 if stop.should_stop(run.device):
-                    if run.step != run.start or not stage.resumed:
+                    if run.step != run.start or not run.resumed:
                         run.save(final=False)
                     raise Interrupted(
                         f"stopped at step {run.step}/{run.num_steps()}; checkpoint saved in {run.directory}",
@@ -577,9 +581,7 @@ def _loop(run: Run) -> None:
         gcf.close()
         run.reporter.close()
         run.metrics.close()
-        close = getattr(stage, "close", None)
-        if close:
-            close()
+        stage.close()
 
 
 def _step(run: Run) -> None:
