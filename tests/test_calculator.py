@@ -146,3 +146,23 @@ def test_matches_python_arithmetic(expr: str) -> None:
     except OverflowError:
         expected = "error: result overflowed"
     assert use_calculator(expr) == expected
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["1" * 10_000_000, "1," * 5_000_000, " " * 10_000_000 + "1+1", "'" + "a" * 10_000_000 + "'", "(" * 10_000_000],
+    ids=["digits", "digit-commas", "padded", "string", "parens"],
+)
+def test_huge_input_is_refused_before_any_pass_over_it(shape: str) -> None:
+    # The cap is checked first: no copy of the input is made (the old order stripped commas first,
+    # ~95 MB and ~1 s for 10 MB). Allocation is deterministic where time is not.
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = use_calculator(shape)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.startswith("error: expression longer than")
+    assert peak < 64 * 1024, peak

@@ -199,6 +199,10 @@ class _Evaluator:
 
 def evaluate(expr: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Number | str | bool:
     """Evaluate `expr` with the whitelist above; raise CalculatorError when refused."""
+    # Length first, before any pass over the input: stripping digit commas at most halves it, so
+    # anything longer than twice the cap can only be refused (a 10 MB input costs microseconds).
+    if len(expr) > 2 * MAX_EXPR_CHARS + 2:
+        raise CalculatorError(f"expression longer than {MAX_EXPR_CHARS} characters")
     expr = strip_number_commas(expr.strip())
     if not expr:
         raise CalculatorError("empty expression")
