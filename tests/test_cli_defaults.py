@@ -112,6 +112,7 @@ ROWS: list[tuple[tuple[str, ...], type, dict[str, Field]]] = [
                 "checkpoint",
                 "device",
                 "dtype",
+                "unsafe_exec",
             ),
             "task": "tasks",
             "no_progress": ("progress", operator.not_),

@@ -281,3 +281,48 @@ def test_eval_chat_end_to_end_all_six_tasks(home: Path, shared_data: Path, tmp_p
     )
     assert r.exit_code == 0, r.output
     assert [t["name"] for t in json.loads(r.output)["tasks"]] == ["MMLU"]
+
+
+def test_humaneval_without_a_sandbox_stops_or_skips(
+    home: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No bwrap on PATH: asked for by name, HumanEval stops with one line naming what is missing and
+    # --unsafe-exec; in the default set it is skipped with a warning; --unsafe-exec runs it anyway.
+    from nanoctl.tools import isolation
+
+    populate_home(home, tag="d2", step=3, stage="sft", model=tiny_model(seed=7, sequence_len=512))
+    data_dir = _task_data_dir(shared_data, tmp_path / "tasks")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    isolation.probe.cache_clear()
+    try:
+        r = CliRunner().invoke(app, ["eval", "chat", "-t", "HumanEval", "-x", "1", "--data-dir", str(data_dir)])
+        assert r.exit_code == 1
+        assert "sandbox is unavailable" in r.output and "bubblewrap" in r.output and "--unsafe-exec" in r.output
+        assert "Traceback" not in r.output
+        r = CliRunner().invoke(app, ["eval", "--check-sandbox"])
+        assert r.exit_code == 1 and "refused" in r.output
+        opts = dict(max_problems=1, max_new_tokens=4, batch_size=2, data_dir=str(data_dir), device="cpu", progress=False)
+        res = CH.run_chat_eval(CH.ChatEvalOptions(**opts), home=home)  # type: ignore[arg-type]
+        assert "HumanEval" not in [t.name for t in res.tasks] and not res.complete
+        assert "skipping HumanEval" in capsys.readouterr().err
+        res = CH.run_chat_eval(CH.ChatEvalOptions(tasks=["HumanEval"], unsafe_exec=True, **opts), home=home)  # type: ignore[arg-type]
+        assert [t.name for t in res.tasks] == ["HumanEval"] and res.tasks[0].problems == 1
+        assert "--unsafe-exec" in capsys.readouterr().err
+    finally:
+        isolation.probe.cache_clear()
+
+
+def test_check_sandbox_and_doctor_report_the_layers(home: Path) -> None:
+    from nanoctl.tools import sandbox
+
+    isolated = sandbox.layers().isolated
+    r = CliRunner().invoke(app, ["eval", "--check-sandbox"])
+    assert r.exit_code == (0 if isolated else 1), r.output
+    for layer in ("bubblewrap", "namespaces", "seccomp", "rlimits", "python guard"):
+        assert layer in r.output
+    r = CliRunner().invoke(app, ["doctor", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["sandbox"]["isolated"] is isolated
+    assert {row["layer"] for row in report["sandbox"]["layers"]} >= {"bubblewrap", "seccomp", "python guard"}
+    assert report["home"] == str(home.resolve())

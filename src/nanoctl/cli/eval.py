@@ -26,8 +26,33 @@ _chat = partial(field_default, ChatEvalOptions)
 _BASE_EVALS = ",".join(_base("evals"))  # --eval takes the list comma-separated
 
 eval_app = App(
-    help="Evaluate checkpoints: CORE and bits-per-byte for base models, task accuracy for chat models."
+    help="Evaluate checkpoints: CORE and bits-per-byte for base models, task accuracy for chat models.",
+    invoke_without_command=True,
 )
+
+
+@eval_app.callback()
+def eval_callback(
+    ctx: typer.Context,
+    check_sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--check-sandbox",
+            help="Report which code-sandbox layers are active for HumanEval, then exit (1 if code "
+            "cannot be contained here).",
+        ),
+    ] = False,
+) -> None:
+    if check_sandbox:
+        from nanoctl.cli.doctor import print_sandbox, sandbox_rows
+        from nanoctl.tools import sandbox
+
+        lay = sandbox.layers()
+        print_sandbox(sandbox_rows(), lay.isolated, lay.missing)
+        raise typer.Exit(0 if lay.isolated else 1)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+        raise typer.Exit(0)
 
 _M = "Model"
 _R = RUNTIME_PANEL
@@ -180,6 +205,14 @@ def eval_chat_cmd(
     checkpoint: Checkpoint = _chat("checkpoint"),
     device: DeviceOption = _chat("device"),
     dtype: DtypeOption = _chat("dtype"),
+    unsafe_exec: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-exec",
+            help="Where the kernel sandbox is unavailable, run HumanEval's model-written code with the "
+            "Python guard alone (not a security boundary; prints a warning).",
+        ),
+    ] = _chat("unsafe_exec"),
     no_progress: NoProgress = not _chat("progress"),
     json_output: JsonOption = False,
 ) -> None:
@@ -206,6 +239,7 @@ def eval_chat_cmd(
             device=device,
             dtype=dtype,
             progress=not no_progress and not json_output,
+            unsafe_exec=unsafe_exec,
         ),
         home=home_of(ctx),
     )

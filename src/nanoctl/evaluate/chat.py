@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,8 @@ class ChatEvalOptions:
     dtype: str | None = None
     write: bool = True
     progress: bool = True
+    # Run HumanEval completions with the Python guard alone where the kernel sandbox is unavailable.
+    unsafe_exec: bool = False
 
 
 @dataclass
@@ -230,7 +233,38 @@ def run_generative(
     return solved, total, [p / total if total else float("nan") for p in summed[2:]]
 
 
-def build_tasks(names: Sequence[str], data_dir: str | None, home: Home) -> list[tuple[str, Any, Any]]:
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _sandbox_gate(names: list[str], *, explicit: bool, unsafe_exec: bool) -> list[str]:
+    """Code-running tasks need the kernel sandbox. Asked for by name, its absence stops the run (unless
+    --unsafe-exec); in the default set, the task is left out with a warning so the rest still runs."""
+    code_tasks = [n for n in names if n.lower() == "humaneval"]
+    if not code_tasks:
+        return names
+    from nanoctl.tools import sandbox
+
+    lay = sandbox.layers()
+    if lay.isolated:
+        return names
+    if unsafe_exec:
+        warn("--unsafe-exec: HumanEval completions run with the Python guard alone (no kernel sandbox: "
+             f"{'; '.join(lay.missing)}). Model-written code can reach this machine.")
+        return names
+    if explicit:
+        raise NanoctlError(
+            f"HumanEval runs model-written code and the sandbox is unavailable here: {'; '.join(lay.missing)}",
+            "install the missing layer, or pass --unsafe-exec to run it with the Python guard alone",
+        )
+    warn(f"skipping HumanEval: no kernel sandbox here ({'; '.join(lay.missing)}); "
+         "pass -t HumanEval --unsafe-exec to run it with the Python guard alone")
+    return [n for n in names if n not in code_tasks]
+
+
+def build_tasks(
+    names: Sequence[str], data_dir: str | None, home: Home, *, unsafe_exec: bool = False
+) -> list[tuple[str, Any, Any]]:
     """(canonical name, task, TaskInfo) per requested name; unknown names list the valid ones."""
     from nanoctl.tasks import TASK_INFO, TASKS, get_task
 
@@ -244,6 +278,8 @@ def build_tasks(names: Sequence[str], data_dir: str | None, home: Home) -> list[
         kwargs: dict[str, Any] = {"home": home}
         if data_dir:
             kwargs["data_dir"] = data_dir
+        if key == "HumanEval":
+            kwargs["unsafe_exec"] = unsafe_exec
         out.append((key, get_task(key, **kwargs), TASK_INFO[key]))
     return out
 
@@ -293,7 +329,8 @@ def run_chat_eval(
 
     home = Home.resolve(home)
     names = list(opts.tasks) if opts.tasks else list(CHAT_EVAL_TASKS)
-    tasks = build_tasks(names, opts.data_dir, home)  # before the model: bad names/data fail fast
+    names = _sandbox_gate(names, explicit=bool(opts.tasks), unsafe_exec=opts.unsafe_exec)
+    tasks = build_tasks(names, opts.data_dir, home, unsafe_exec=opts.unsafe_exec)  # bad names/data fail fast
     ref = resolve_chat_checkpoint(opts, home)
 
     from nanoctl import dist

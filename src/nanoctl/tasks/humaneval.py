@@ -3,6 +3,7 @@
 Local format: the original `HumanEval.jsonl` (or .jsonl.gz) with `task_id, prompt, canonical_solution,
 test, entry_point` per line. Scoring runs the first ``` block of the response (or the whole response) with
 the prompt's imports, the tests and `check(entry_point)` in the sandbox (`nanoctl.tools.sandbox`), 5 s.
+Where the kernel sandbox is unavailable every completion fails unless `unsafe_exec=True`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class HumanEval(LocalOrHub):
         data_dir: str | os.PathLike[str] | None = None,
         home: Home | None = None,
         timeout: float = 5.0,
+        unsafe_exec: bool = False,
         **kwargs: Any,
     ) -> None:
         cands = [
@@ -82,6 +84,8 @@ class HumanEval(LocalOrHub):
             )
             source = "hf:openai/openai_humaneval"
         self.timeout = timeout
+        # True: run completions with the Python guard alone where the kernel sandbox is unavailable.
+        self.unsafe_exec = unsafe_exec
         super().__init__(rows, source, **kwargs)
 
     def get_example(self, index: int) -> Conversation:
@@ -104,6 +108,7 @@ class HumanEval(LocalOrHub):
         )
 
     def evaluate(self, conversation: Conversation, response: str) -> bool:
-        from nanoctl.tools.sandbox import execute_code
+        from nanoctl.tools import sandbox
 
-        return execute_code(self.program(conversation, response), timeout=self.timeout).success
+        unsafe = self.unsafe_exec and not sandbox.layers().isolated
+        return sandbox.execute_code(self.program(conversation, response), timeout=self.timeout, unsafe=unsafe).success

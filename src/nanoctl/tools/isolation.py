@@ -55,11 +55,13 @@ class Layers:
 
     def describe(self) -> list[tuple[str, bool, str]]:
         """(layer, active, detail) rows."""
-        uid = (
-            f"uid {self.host_uid} on the host" + (" (bwrap runs as nobody)" if self.drop_to_nobody else "")
-            if self.bwrap
-            else "-"
-        )
+        if not self.bwrap:
+            uid = "-"
+        elif self.host_uid != 0:
+            uid = f"uid 65534 in the sandbox, uid {self.host_uid} on the host"
+        else:
+            uid = ("uid 65534 in the sandbox, host root without capabilities (nobody cannot reach this "
+                   "interpreter; namespaces and seccomp confine it)")
         return [
             ("bubblewrap", self.bwrap is not None, f"{self.bwrap} {self.bwrap_version}".strip() if self.bwrap else
              "not found or not working"),
