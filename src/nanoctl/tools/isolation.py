@@ -10,7 +10,7 @@ root and `nobody` can reach the interpreter, bwrap itself runs as `nobody`, so t
 unprivileged on the host too. Otherwise (an interpreter under /root, the usual pyenv/venv case) bwrap runs
 as root and the program is host uid 0 without capabilities, confined to namespaces it cannot leave:
 it sees only the bound files and its own processes. Either way the seccomp filter refuses process
-creation (threads are allowed), so RLIMIT_NPROC not applying to host root costs nothing.
+creation (threads included), so RLIMIT_NPROC not applying to host root costs nothing.
 
 bwrap's PID 1 inside the namespace is its reaper; `--die-with-parent` kills it when the outer bwrap
 dies, and the kernel then kills every process of the namespace. So killing the outer bwrap at the

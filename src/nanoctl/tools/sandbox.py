@@ -4,7 +4,7 @@ Layers, outermost first:
 1. Isolation (`tools/isolation.py`): bubblewrap gives each run fresh user, mount, PID, network, IPC,
    UTS and cgroup namespaces; a read-only root holding only the interpreter, its stdlib and their shared
    libraries; a new /proc; a size-capped tmpfs /tmp; uid 65534 with no capabilities and NO_NEW_PRIVS.
-2. seccomp (`tools/seccomp.py`): no new processes, ptrace, namespaces, mounts, keyrings, BPF, perf,
+2. seccomp (`tools/seccomp.py`): no new processes or threads, ptrace, namespaces, mounts, keyrings, BPF, perf,
    kexec, mknod, io_uring, handle-based opens or file-flag ioctls.
 3. rlimits, set by the harness before the program runs: CPU, memory, file size, processes, open files.
 4. The Python guard (an audit hook plus nanochat's reliability guard): the last layer only. It turns
@@ -44,7 +44,7 @@ DEFAULT_MAX_MEMORY = 256 * 1024 * 1024
 DEFAULT_MAX_OUTPUT = 64 * 1024  # bytes kept per stream; more than this kills the run
 MAX_FILE_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE: largest file the program may write
 TMP_BYTES = 64 * 1024 * 1024  # size of the sandbox's tmpfs /tmp
-MAX_PROCS = 16  # RLIMIT_NPROC (threads count too); seccomp already refuses new processes
+MAX_PROCS = 16  # RLIMIT_NPROC: a second bound behind seccomp, which refuses new processes and threads
 MAX_OPEN_FILES = 64
 NOBODY = isolation.NOBODY
 _CLONE_NEWUSER = 0x10000000

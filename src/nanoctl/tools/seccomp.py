@@ -5,7 +5,7 @@ another ABI, such as i386 `int 0x80` on x86_64, kills the process). Its Python b
 we call the four C functions we need directly; the shared library ships with every systemd distribution.
 
 The filter allows by default and refuses (EPERM) what sandboxed code never needs and escapes are made
-of: new processes (threads are allowed), debugging other processes, namespaces and mounts, kernel keyrings, BPF, perf, kexec and modules,
+of: new processes and threads, debugging other processes, namespaces and mounts, kernel keyrings, BPF, perf, kexec and modules,
 device nodes, io_uring (its operations bypass seccomp), handles that reopen files by inode, and the
 ioctls that set file flags (chattr +i) or push input into a terminal.
 """
@@ -43,16 +43,14 @@ DENIED_SYSCALLS: tuple[str, ...] = (
     "migrate_pages", "move_pages", "mbind", "set_mempolicy",
 )
 
-# clone() flags that would make a new namespace (bwrap's --disable-userns covers user namespaces too;
-# this also stops the others). clone3 passes its flags in memory seccomp cannot read, so it answers
-# ENOSYS and glibc falls back to clone().
+# clone() flags that would make a new namespace. clone() itself is refused below; these rules stay so
+# the filter still says so if threads are ever allowed. clone3 passes its flags in memory seccomp
+# cannot read, so it answers ENOSYS and glibc falls back to clone().
 _CLONE_NEW = {
     "CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
     "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
     "CLONE_NEWNET": 0x40000000, "CLONE_NEWTIME": 0x00000080,
 }
-
-_CLONE_THREAD = 0x00010000
 
 DENIED_IOCTLS: dict[str, int] = {
     "FS_IOC_SETFLAGS": 0x40086602,
@@ -129,10 +127,10 @@ def filter_program() -> bytes:
         for name in DENIED_SYSCALLS:
             _add(lib, ctx, eperm, name)
         _add(lib, ctx, _errno(errno.ENOSYS), "clone3")
-        # No new processes (threads are fine): nothing can outlive the run or multiply.
-        _add(lib, ctx, eperm, "fork")
-        _add(lib, ctx, eperm, "vfork")
-        _add(lib, ctx, eperm, "clone", (0, _CMP_MASKED_EQ, _CLONE_THREAD, 0))
+        # No new processes or threads: nothing can outlive the run or multiply. (RLIMIT_NPROC does not
+        # bind a program that is host root, and a thread bomb costs kernel memory per thread.)
+        for name in ("fork", "vfork", "clone"):
+            _add(lib, ctx, eperm, name)
         for flag in _CLONE_NEW.values():
             _add(lib, ctx, eperm, "clone", (0, _CMP_MASKED_EQ, flag, flag))
         for cmd in DENIED_IOCTLS.values():
