@@ -120,6 +120,44 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
+def sample_logits(
+    raw: torch.Tensor,
+    generators: list[torch.Generator] | None,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Tokens (B,) from the model's pre-softcap logits (B, V): softcap, repetition penalty, filters, draw.
+
+    The one sampling step of every decoder (Engine.generate and the serving scheduler). The softcap is
+    monotonic: greedy and top-k cap only what they keep (see sample_next_token); the full-vocabulary cap
+    runs only when the repetition penalty or top-p needs every value.
+    """
+    from nanoctl.model.gpt import apply_softcap
+
+    full_cap = params.repetition_penalty != 1.0 or (
+        not params.greedy and not params.top_k and params.top_p is not None and params.top_p < 1.0
+    )
+    logits = apply_softcap(raw.clone()) if full_cap else raw
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    transform = None if params.greedy or full_cap else apply_softcap
+    return sample_next_token(logits, generators, params, transform)
+
+
+def row_generators(params: SamplingParams, n: int, device: torch.device) -> list[torch.Generator] | None:
+    """Row i's generator is seeded `params.seed + i` (None when greedy: nothing is drawn)."""
+    import torch
+
+    if params.greedy:
+        return None
+    out = []
+    for i in range(n):
+        g = torch.Generator(device=device)
+        g.manual_seed(params.seed + i)
+        out.append(g)
+    return out
+
+
 @contextlib.contextmanager
 def last_position_logits(model: torch.nn.Module) -> Iterator[None]:
     """During a prefill only the last position's logits are used: feed lm_head just that position.
@@ -140,7 +178,7 @@ def last_position_logits(model: torch.nn.Module) -> Iterator[None]:
 
 
 @dataclass
-class _Row:
+class RowState:
     """Per-row decoding state: forced tool-output tokens and the open python block, if any."""
 
     forced: deque[int] = field(default_factory=deque)
@@ -187,6 +225,24 @@ class Engine:
         expr = self.tokenizer.decode(expr_tokens)
         result = use_calculator(expr)
         return [self.output_start, *self.tokenizer.encode(result), self.output_end]
+
+    def next_token(self, row: RowState, sampled: int) -> tuple[int, bool]:
+        """The row's next token and whether it was forced (a queued tool output wins over the sample);
+        runs the calculator state machine: collect the expression, then queue the forced result."""
+        forced = bool(row.forced)
+        token = row.forced.popleft() if forced else sampled
+        if token in self.stop_tokens:
+            row.completed = True
+        if token == self.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            if row.python_tokens:
+                row.forced.extend(self._tool_output(row.python_tokens))
+            row.python_tokens = []
+        elif row.in_python:
+            row.python_tokens.append(token)
+        return token, forced
 
     def generate(
         self,
@@ -235,21 +291,11 @@ class Engine:
         if limit == 0:
             return
         prompt_len = len(tokens)
-        seed = params.seed
         model = self.model
         device = model.get_device()
         # Positions ever written: the prompt plus every generated token but the last.
         cache_len = prompt_len + limit - 1
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        # The softcap is monotonic: greedy and top-k sampling cap only what they keep (see
-        # sample_next_token), so the model returns raw logits and the full-vocabulary cap runs only when
-        # the repetition penalty or top-p needs every value.
-        from nanoctl.model.gpt import apply_softcap
-
-        full_cap = params.repetition_penalty != 1.0 or (
-            not params.greedy and not params.top_k and params.top_p is not None and params.top_p < 1.0
-        )
-        transform = None if params.greedy or full_cap else apply_softcap
         if num_samples == 1:
             cache = model.new_kv_cache(1, cache_len)
             with last_position_logits(model):
@@ -263,50 +309,25 @@ class Engine:
             cache.prefill(prefill)
             del prefill
 
-        generators: list[torch.Generator] | None = None
-        if not params.greedy:
-            generators = []
-            for i in range(num_samples):
-                g = torch.Generator(device=device)
-                g.manual_seed(seed + i)
-                generators.append(g)
-        penalize = params.repetition_penalty != 1.0
+        generators = row_generators(params, num_samples, device)
         seen: torch.Tensor | None = None
         rows_index = torch.arange(num_samples, device=device)
-        if penalize:
+        if params.repetition_penalty != 1.0:
             seen = torch.zeros(num_samples, logits.size(-1), dtype=torch.bool, device=device)
             seen[:, torch.tensor(tokens, device=device)] = True
 
-        rows = [_Row() for _ in range(num_samples)]
+        rows = [RowState() for _ in range(num_samples)]
         for step in range(limit):
             if step > 0:
                 logits = model(ids, kv_cache=cache, softcap=False)[:, -1, :]
-            raw = logits
-            if full_cap:
-                logits = apply_softcap(logits.clone())
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-            sampled = sample_next_token(logits, generators, params, transform).tolist()
+            sampled = sample_logits(logits, generators, params, seen).tolist()
             column: list[int] = []
             masks: list[int] = []
             for i, row in enumerate(rows):
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else sampled[i]
+                token, forced = self.next_token(row, sampled[i])
                 column.append(token)
                 masks.append(0 if forced else 1)
-                if token in self.stop_tokens:
-                    row.completed = True
-                # The tool state machine: collect the expression, then queue the forced result.
-                if token == self.python_start:
-                    row.in_python, row.python_tokens = True, []
-                elif token == self.python_end and row.in_python:
-                    row.in_python = False
-                    if row.python_tokens:
-                        row.forced.extend(self._tool_output(row.python_tokens))
-                    row.python_tokens = []
-                elif row.in_python:
-                    row.python_tokens.append(token)
-            self._last_raw = raw
+            self._last_raw = logits
             yield column, masks
             if all(row.completed for row in rows):
                 return

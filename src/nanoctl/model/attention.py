@@ -178,3 +178,16 @@ def full_attention(
     else:
         y = sdpa(q, k, v, window, 0, 0, scale)
     return y.transpose(1, 2)
+
+
+def ragged_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per row against that row's keys, (B, H, T, D) layout; `mask` (B, 1, 1, Tk) marks
+    the keys each row may see (its own length and window). Continuous-batching decode."""
+    gqa = q.size(1) != k.size(1)
+    if gqa and q.is_cuda:
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from nanoctl.errors import UsageError
 from nanoctl.model import attention
 from nanoctl.model.kernels import DecodeHead, linear_relu_square, softcap_cross_entropy
-from nanoctl.model.kv_cache import KVCache
+from nanoctl.model.kv_cache import KVCache, RaggedView, SlotKVCache
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             # FA3/FA2, FlexAttention (windowed layers, compiled) or SDPA: see model/attention.py
             y = attention.full_attention(q, k, v, window, self.softmax_scale)
+        elif getattr(kv_cache, "ragged", False):
+            y = self._attend_ragged(q, k, v, window, kv_cache)  # type: ignore[arg-type]
         else:
             y = self._attend_cached(q, k, v, window, kv_cache)
         return self.c_proj(y.contiguous().view(B, T, -1))
@@ -264,6 +266,19 @@ class CausalSelfAttention(nn.Module):
         keys = k_cache[:, start:end].transpose(1, 2)
         values = v_cache[:, start:end].transpose(1, 2)
         y = attention.sdpa(q.transpose(1, 2), keys, values, window, pos, start, self.softmax_scale)
+        return y.transpose(1, 2)
+
+
+    def _attend_ragged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, view: RaggedView
+    ) -> torch.Tensor:
+        """Continuous batching: one new token per row, each row at its own position (SlotKVCache)."""
+        k_cache, v_cache = view.get_layer_cache(self.layer_idx)
+        k_cache[view.index, view.positions] = k[:, 0]
+        v_cache[view.index, view.positions] = v[:, 0]
+        keys = view.rows(k_cache).transpose(1, 2)
+        values = view.rows(v_cache).transpose(1, 2)
+        y = attention.ragged_sdpa(q.transpose(1, 2), keys, values, view.mask(window), self.softmax_scale)
         return y.transpose(1, 2)
 
 
@@ -494,6 +509,20 @@ class GPT(nn.Module):
             dtype=self.compute_dtype,
         )
 
+    def new_slot_cache(self, slots: int, seq_len: int | None = None) -> SlotKVCache:
+        """A continuous-batching cache: `slots` rows of up to `seq_len` (default: the context) each."""
+        cfg = self.config
+        return SlotKVCache(
+            slots=slots,
+            num_kv_heads=cfg.n_kv_head,
+            seq_len=seq_len or cfg.sequence_len,
+            head_dim=cfg.head_dim,
+            num_layers=cfg.n_layer,
+            n_embd=cfg.n_embd,
+            device=self.get_device(),
+            dtype=self.compute_dtype,
+        )
+
     # -- optimizer -------------------------------------------------------------------------------------
 
     def setup_optimizer(
@@ -619,10 +648,17 @@ class GPT(nn.Module):
         top k or the argmax can cap just those (`apply_softcap`) instead of the whole vocabulary.
         """
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if T0 + T > self.cos.size(1):
-            raise ValueError(f"position {T0 + T} is past the rotary table ({self.cos.size(1)} positions)")
-        cos_sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
+        if getattr(kv_cache, "ragged", False):
+            # Continuous-batching decode: one token per row, each at its own position.
+            view: RaggedView = kv_cache  # type: ignore[assignment]
+            if T != 1 or view.max_len > self.cos.size(1):
+                raise ValueError(f"ragged decode takes one token per row within {self.cos.size(1)} positions")
+            cos_sin = self.cos[0, view.positions].unsqueeze(1), self.sin[0, view.positions].unsqueeze(1)
+        else:
+            T0 = 0 if kv_cache is None else kv_cache.get_pos()
+            if T0 + T > self.cos.size(1):
+                raise ValueError(f"position {T0 + T} is past the rotary table ({self.cos.size(1)} positions)")
+            cos_sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
 
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         current = self.is_current

@@ -1,6 +1,8 @@
-"""KVCache: the preallocated per-layer key/value cache for incremental decoding.
+"""KV caches for incremental decoding: KVCache (rows share one position) and SlotKVCache (continuous
+batching: every row has its own length).
 
-`GPT.new_kv_cache` builds one sized for the model; the attention module (model/gpt.py) writes into it.
+`GPT.new_kv_cache` / `GPT.new_slot_cache` build them sized for the model; the attention module
+(model/gpt.py) writes into them.
 """
 
 from __future__ import annotations
@@ -68,3 +70,134 @@ class KVCache:
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
         self.advance(n)
+
+
+class SlotKVCache:
+    """K/V for continuous batching: `slots` rows, each with its own length (one request's sample each).
+
+    Rows join and leave independently. A newcomer's prompt is prefilled through `row(slot)`, a batch-1
+    view with the plain `KVCache` interface (the model's ordinary cached path, chunk by chunk); running
+    rows decode together through `decode_view(slots)`, whose per-row positions the model's ragged path
+    reads (`RaggedView.ragged`). Sliding windows, value embeddings and smear all work per row: windows
+    are masks over each row's own positions and smear keeps each row's previous embedding.
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        num_kv_heads: int,
+        seq_len: int,
+        head_dim: int,
+        num_layers: int,
+        n_embd: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (num_layers, slots, seq_len, num_kv_heads, head_dim)
+        self.slots = slots
+        self.seq_len = seq_len
+        self.n_layers = num_layers
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.prev = torch.zeros(slots, 1, n_embd, device=device, dtype=dtype)
+        self.lengths = [0] * slots  # positions written per row (host-side: no device sync to read)
+
+    def row(self, slot: int) -> _RowView:
+        return _RowView(self, slot)
+
+    def decode_view(self, slots: list[int]) -> RaggedView:
+        return RaggedView(self, slots)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src` (parallel samples of one prompt share its prefill)."""
+        n = self.lengths[src]
+        self.k_cache[:, dst, :n] = self.k_cache[:, src, :n]
+        self.v_cache[:, dst, :n] = self.v_cache[:, src, :n]
+        self.prev[dst] = self.prev[src]
+        self.lengths[dst] = n
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0  # stale K/V past a row's length are never read
+
+
+class _RowView:
+    """One row of a SlotKVCache seen as a batch-1 KVCache (prefill of one request)."""
+
+    def __init__(self, cache: SlotKVCache, slot: int) -> None:
+        self.cache, self.slot = cache, slot
+        self.batch_size = 1
+        self.seq_len = cache.seq_len
+        self.n_layers = cache.n_layers
+
+    def get_pos(self) -> int:
+        return self.cache.lengths[self.slot]
+
+    def get_layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.slot
+        return self.cache.k_cache[layer_idx, s : s + 1], self.cache.v_cache[layer_idx, s : s + 1]
+
+    def advance(self, num_tokens: int) -> None:
+        self.cache.lengths[self.slot] += num_tokens
+
+    @property
+    def prev_embedding(self) -> torch.Tensor | None:
+        # A row at position 0 has no previous token (smear starts fresh), as a new KVCache.
+        # A copy: the model reads it and then overwrites the row with this chunk's last embedding.
+        return None if self.get_pos() == 0 else self.cache.prev[self.slot : self.slot + 1].clone()
+
+    @prev_embedding.setter
+    def prev_embedding(self, value: torch.Tensor) -> None:
+        self.cache.prev[self.slot : self.slot + 1] = value
+
+
+class RaggedView:
+    """Several rows of a SlotKVCache decoding one token each, every row at its own position."""
+
+    ragged = True
+
+    def __init__(self, cache: SlotKVCache, slots: list[int]) -> None:
+        self.cache = cache
+        self.slots = slots
+        self.batch_size = len(slots)
+        self.seq_len = cache.seq_len
+        device = cache.k_cache.device
+        self.index = torch.tensor(slots, dtype=torch.long, device=device)
+        lengths = [cache.lengths[s] for s in slots]
+        self.max_len = max(lengths) + 1  # keys to attend over after this step's write
+        self.positions = torch.tensor(lengths, dtype=torch.long, device=device)
+        # Contiguous rows are a view (no gather); any other set is gathered once per layer.
+        self.span = (slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[-1] + 1)) else None
+        self._masks: dict[int, torch.Tensor] = {}  # per window size; the same for every layer
+
+    def get_layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k_cache[layer_idx], self.cache.v_cache[layer_idx]
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This view's rows of a (slots, T, ...) layer tensor, up to the longest row."""
+        if self.span is not None:
+            return t[self.span[0] : self.span[1], : self.max_len]
+        return t.index_select(0, self.index)[:, : self.max_len]
+
+    def mask(self, window: int) -> torch.Tensor:
+        """(B, 1, 1, max_len) bool: each row sees its own past, at most `window` back (< 0: all)."""
+        m = self._masks.get(window)
+        if m is None:
+            cols = torch.arange(self.max_len, device=self.positions.device).unsqueeze(0)
+            pos = self.positions.unsqueeze(1)
+            m = cols <= pos
+            if window >= 0:
+                m = m & (pos - cols <= window)
+            m = self._masks[window] = m[:, None, None, :]
+        return m
+
+    def advance(self, num_tokens: int) -> None:
+        for s in self.slots:
+            self.cache.lengths[s] += num_tokens
+
+    @property
+    def prev_embedding(self) -> torch.Tensor:
+        return self.cache.prev.index_select(0, self.index)
+
+    @prev_embedding.setter
+    def prev_embedding(self, value: torch.Tensor) -> None:
+        self.cache.prev.index_copy_(0, self.index, value.to(self.cache.prev.dtype))

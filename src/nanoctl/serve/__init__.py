@@ -1,0 +1,1 @@
+"""`nanoctl serve`: an OpenAI-compatible server over continuously batched decoding (scheduler.py)."""
