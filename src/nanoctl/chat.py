@@ -3,6 +3,11 @@
 Used by `nanoctl chat` (TUI, --plain REPL, -p one-shot, --json). The TUI and the REPL share the
 session object and the slash commands defined here, so behaviour is the same in both.
 
+One seam, `ChatBackend`: a `ChatSession` owns what every chat has (messages, settings, system prompt,
+regenerate / edit, per-reply seeds, stats, the commit of a finished or stopped reply) and asks its
+backend only to stream one reply. `LocalBackend` (here) runs a loaded checkpoint through the engine;
+`nanoctl.remote.RemoteBackend` talks to an OpenAI-compatible server (`nanoctl chat --url`).
+
 Prompts are built from token segments rather than re-rendered text: assistant replies are kept as the
 exact token ids the model produced (tool calls and forced outputs included), so the next turn sees what
 the model really said. The layout is `render_conversation`'s: BOS, then `<|user_start|>text<|user_end|>`
@@ -17,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import UsageError
@@ -186,25 +191,73 @@ class Prompt:
     truncated: bool  # the newest user message itself was cut (kept its end)
 
 
-class ChatSession:
-    """One conversation with one model: messages, settings, context fitting and streamed replies.
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model answers: what one-shot results and --json report."""
 
-    `send`, `regenerate` and `edit_last` return generators of text deltas; the reply is committed to
-    the conversation when the generator finishes, is closed early, or `cancel` is set (a partial reply
-    is kept, as nanochat's CLI does). `notices` collects user-visible messages (e.g. context trimming).
+    model: str  # the label shown in the UI: `sft/d20@700`, or a server's model id
+    stage: str | None = None  # None: not a nanoctl checkpoint label (e.g. another server's model)
+    tag: str | None = None
+    step: int | None = None
+
+
+class ChatBackend(Protocol):
+    """What a `ChatSession` talks to: a model that streams one reply to the session's conversation.
+
+    The session owns the conversation and settings; a backend only turns them into a reply. It may
+    keep token ids on messages (`encode`; a remote backend keeps none) and fits the conversation into
+    the context itself (a local model) or leaves that to the server (`context_len` None).
     """
 
-    def __init__(
-        self, loaded: LoadedModel, settings: SamplingParams | None = None, system: str | None = None
-    ):
+    @property
+    def label(self) -> str: ...  # shown in the status bar and on replies
+
+    @property
+    def location(self) -> str | None: ...  # where it runs, when not in this process (a server URL)
+
+    @property
+    def identity(self) -> ModelIdentity: ...
+
+    @property
+    def completion_mode(self) -> bool: ...  # a base model: every message is a document to complete
+
+    @property
+    def context_len(self) -> int | None: ...  # None: unknown here (the server trims its own context)
+
+    def encode(self, text: str) -> list[int]: ...  # content tokens kept on a user Message
+
+    def build_prompt(self, session: ChatSession) -> Any: ...  # what the next reply is asked with
+
+    def context_used(self, session: ChatSession) -> int | None: ...  # for the status bar; None: unknown
+
+    def stream_reply(
+        self,
+        session: ChatSession,
+        params: SamplingParams,
+        stats: GenerationStats,
+        tokens: list[int],
+        cancel: threading.Event | None,
+    ) -> Iterator[str]:
+        """Yield the text deltas of the reply to the session's last message.
+
+        `params` are the session's settings with this reply's seed. Fill `stats` as the reply streams,
+        append the reply's token ids to `tokens` (when the backend has them), and stop soon after
+        `cancel` is set (finish_reason "cancelled"). Closing the generator must release the model
+        (or the connection). Errors are NanoctlError with a one-line message.
+        """
+        ...
+
+
+class LocalBackend:
+    """A checkpoint loaded in this process, run through the engine (the `ChatBackend` of `nanoctl chat`).
+
+    Prompts are token segments: BOS, `<|user_start|>text<|user_end|>`,
+    `<|assistant_start|>reply<|assistant_end|>`, where a reply is the exact ids the model produced.
+    The oldest turns are dropped to leave room for the reply (`ChatSession.reserve`).
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self.settings = settings if settings is not None else SamplingParams()
-        self.system = system
-        self.messages: list[Message] = []
-        self.context_start = 0  # messages before this index no longer fit and are not sent
-        self.notices: list[str] = []
-        self.last_stats: GenerationStats | None = None
-        self.generations = 0  # per-reply seed offset: regenerating gives a different sample
         tok = loaded.tokenizer
         self._bos = tok.get_bos_token_id()
         self._user_start = tok.encode_special("<|user_start|>")
@@ -212,87 +265,200 @@ class ChatSession:
         self._assistant_start = tok.encode_special("<|assistant_start|>")
         self._assistant_end = tok.encode_special("<|assistant_end|>")
 
-    # -- state -------------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.loaded.label
+
+    @property
+    def location(self) -> str | None:
+        return None
+
+    @property
+    def identity(self) -> ModelIdentity:
+        ref = self.loaded.ref
+        return ModelIdentity(ref.label, ref.stage, ref.tag, ref.step)
 
     @property
     def completion_mode(self) -> bool:
         return self.loaded.completion_mode
 
-    def new(self) -> None:
-        self.messages.clear()
-        self.context_start = 0
-        self.last_stats = None
+    @property
+    def context_len(self) -> int:
+        return self.loaded.context_len
 
-    def context_used(self) -> int:
-        """Tokens the next prompt would take (for the status bar)."""
-        if not self.messages:
-            return 0
-        if self.completion_mode:
-            return len(self.messages[-1].tokens) + 1
-        return len(self._render(self.messages[self.context_start :], open_reply=False))
-
-    def reply_limit(self) -> int:
-        """Most tokens per reply: settings.max_tokens, or the context when that is None."""
-        m = self.settings.max_tokens
-        return self.loaded.context_len if m is None else m
-
-    def reserve(self) -> int:
-        """Room kept free for the reply when fitting the prompt."""
-        return max(1, min(self.reply_limit(), self.loaded.context_len // 2))
+    def encode(self, text: str) -> list[int]:
+        return self.loaded.tokenizer.encode(text)
 
     # -- prompts -----------------------------------------------------------------------------------------
 
-    def _user_tokens(self, text: str, first: bool) -> list[int]:
-        if first and self.system:
-            text = f"{self.system}\n\n{text}"  # as render_conversation merges a system message
+    def _user_tokens(self, session: ChatSession, text: str, first: bool) -> list[int]:
+        if first and session.system:
+            text = f"{session.system}\n\n{text}"  # as render_conversation merges a system message
         return self.loaded.tokenizer.encode(text)
 
-    def _render(self, messages: list[Message], open_reply: bool = True) -> list[int]:
+    def _render(self, session: ChatSession, messages: list[Message], open_reply: bool = True) -> list[int]:
         ids = [self._bos]
         for i, m in enumerate(messages):
             if m.role == "user":
-                ids += [self._user_start, *self._user_tokens(m.text, i == 0), self._user_end]
+                ids += [self._user_start, *self._user_tokens(session, m.text, i == 0), self._user_end]
             else:
                 ids += [self._assistant_start, *m.tokens, self._assistant_end]
         if open_reply:
             ids.append(self._assistant_start)
         return ids
 
-    def build_prompt(self) -> Prompt:
-        """Prompt for the reply to the last (user) message, dropping the oldest turns to fit."""
-        budget = self.loaded.context_len - self.reserve()
+    def context_used(self, session: ChatSession) -> int:
+        if not session.messages:
+            return 0
         if self.completion_mode:
-            ids = [self._bos, *self.messages[-1].tokens]
+            return len(session.messages[-1].tokens) + 1
+        return len(self._render(session, session.messages[session.context_start :], open_reply=False))
+
+    def build_prompt(self, session: ChatSession) -> Prompt:
+        """Prompt for the reply to the last (user) message, dropping the oldest turns to fit."""
+        ctx = self.context_len
+        budget = ctx - session.reserve()
+        messages = session.messages
+        if self.completion_mode:
+            ids = [self._bos, *messages[-1].tokens]
             truncated = len(ids) > budget
             if truncated:
                 ids = [self._bos, *ids[len(ids) - budget + 1 :]]
             return Prompt(ids, 0, truncated)
-        start = self.context_start
-        ids = self._render(self.messages[start:])
+        start = session.context_start
+        ids = self._render(session, messages[start:])
         # Drop whole user+assistant pairs from the front (never the message being answered).
-        while len(ids) > budget and start + 2 < len(self.messages):
+        while len(ids) > budget and start + 2 < len(messages):
             start += 2
-            ids = self._render(self.messages[start:])
+            ids = self._render(session, messages[start:])
         truncated = False
         if len(ids) > budget:
             # The newest user message alone is too long: keep its end (the question is usually there).
-            last = self.messages[-1]
+            last = messages[-1]
             overflow = len(ids) - budget
-            keep = self._user_tokens(last.text, True)[overflow:]
+            keep = self._user_tokens(session, last.text, True)[overflow:]
             ids = [self._bos, self._user_start, *keep, self._user_end, self._assistant_start]
             truncated = True
-        dropped = start - self.context_start
+        dropped = start - session.context_start
         if dropped:
-            self.notices.append(
+            session.notices.append(
                 f"context full: left out the {dropped} oldest message{'s' if dropped != 1 else ''} "
-                f"to fit the {self.loaded.context_len}-token context"
+                f"to fit the {ctx}-token context"
             )
         if truncated:
-            self.notices.append(
-                f"your message is longer than the {self.loaded.context_len}-token context; only its end was sent"
+            session.notices.append(
+                f"your message is longer than the {ctx}-token context; only its end was sent"
             )
-        self.context_start = start
+        session.context_start = start
         return Prompt(ids, dropped, truncated)
+
+    # -- replies -----------------------------------------------------------------------------------------
+
+    def stream_reply(
+        self,
+        session: ChatSession,
+        params: SamplingParams,
+        stats: GenerationStats,
+        tokens: list[int],
+        cancel: threading.Event | None,
+    ) -> Iterator[str]:
+        prompt = self.build_prompt(session)
+        stats.prompt_tokens = len(prompt.ids)
+        stats.dropped_messages = prompt.dropped_messages
+        engine = self.loaded.engine
+        decoder = StreamDecoder(self.loaded.tokenizer)
+        t0 = time.perf_counter()
+        limit = session.reply_limit()
+        assert limit is not None  # a local model knows its context
+        max_new = min(limit, engine.max_new_tokens(len(prompt.ids)))
+        stream = engine.generate(prompt.ids, replace(params, max_tokens=max_new))
+        stats.finish_reason = "length" if max_new >= limit else "context"
+        try:
+            for column, _ in stream:
+                token = column[0]
+                if not tokens and stats.ttft_s == 0.0:
+                    stats.ttft_s = time.perf_counter() - t0
+                if token in engine.stop_tokens:
+                    stats.finish_reason = "stop"
+                    break
+                tokens.append(token)
+                stats.completion_tokens = len(tokens)
+                stats.elapsed_s = time.perf_counter() - t0
+                delta = decoder.push(token)
+                if delta:
+                    yield delta
+                if cancel is not None and cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+        finally:
+            stream.close()
+            stats.elapsed_s = time.perf_counter() - t0
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+
+def as_backend(model: ChatBackend | LoadedModel) -> ChatBackend:
+    """A loaded checkpoint becomes its LocalBackend; a backend is returned as it is."""
+    return LocalBackend(model) if isinstance(model, LoadedModel) else model
+
+
+class ChatSession:
+    """One conversation with one model: messages, settings, and streamed replies from its backend.
+
+    `send`, `regenerate` and `edit_last` return generators of text deltas; the reply is committed to
+    the conversation when the generator finishes, is closed early, or `cancel` is set (a partial reply
+    is kept, as nanochat's CLI does); a reply that failed before producing anything is not (the
+    unanswered message is replaced by the next send). `notices` collects user-visible messages (e.g.
+    context trimming). `model` is a `ChatBackend` or a `LoadedModel` (run locally).
+    """
+
+    def __init__(
+        self,
+        model: ChatBackend | LoadedModel,
+        settings: SamplingParams | None = None,
+        system: str | None = None,
+    ):
+        self.backend = as_backend(model)
+        self.settings = settings if settings is not None else SamplingParams()
+        self.system = system
+        self.messages: list[Message] = []
+        self.context_start = 0  # messages before this index no longer fit and are not sent
+        self.notices: list[str] = []
+        self.last_stats: GenerationStats | None = None
+        self.generations = 0  # per-reply seed offset: regenerating gives a different sample
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    @property
+    def completion_mode(self) -> bool:
+        return self.backend.completion_mode
+
+    def new(self) -> None:
+        self.messages.clear()
+        self.context_start = 0
+        self.last_stats = None
+
+    def context_used(self) -> int | None:
+        """Tokens the next prompt would take (for the status bar); None when the backend cannot tell."""
+        return self.backend.context_used(self)
+
+    def reply_limit(self) -> int | None:
+        """Most tokens per reply: settings.max_tokens, or the context when that is None (None: unknown)."""
+        m = self.settings.max_tokens
+        return self.backend.context_len if m is None else m
+
+    def reserve(self) -> int:
+        """Room kept free for the reply when fitting the prompt (0 where the server fits it)."""
+        ctx = self.backend.context_len
+        if ctx is None:
+            return 0
+        limit = self.reply_limit()
+        return max(1, min(ctx if limit is None else limit, ctx // 2))
+
+    def build_prompt(self) -> Any:
+        """What the reply to the last message is asked with (LocalBackend: a `Prompt` of token ids)."""
+        return self.backend.build_prompt(self)
 
     # -- replies -----------------------------------------------------------------------------------------
 
@@ -303,7 +469,7 @@ class ChatSession:
             self.messages.clear()  # base models: every message is its own document
         elif self.messages and self.messages[-1].role == "user":
             self.messages.pop()  # an unanswered message (e.g. failed generation): replace it
-        self.messages.append(Message("user", text, self.loaded.tokenizer.encode(text)))
+        self.messages.append(Message("user", text, self.backend.encode(text)))
         return self._reply(cancel)
 
     def regenerate(self, cancel: threading.Event | None = None) -> Iterator[str]:
@@ -329,51 +495,28 @@ class ChatSession:
         return None
 
     def _reply(self, cancel: threading.Event | None) -> Iterator[str]:
-        s = self.settings
-        prompt = self.build_prompt()
-        seed = s.seed + self.generations  # each reply (and regeneration) draws a different sample
-        self.generations += 1
-        stats = GenerationStats(prompt_tokens=len(prompt.ids), dropped_messages=prompt.dropped_messages)
+        params = replace(self.settings, seed=self.settings.seed + self.generations)
+        self.generations += 1  # each reply (and regeneration) draws a different sample
+        stats = GenerationStats()
         self.last_stats = stats
-        engine = self.loaded.engine
-        decoder = StreamDecoder(self.loaded.tokenizer)
         tokens: list[int] = []
-        text_parts: list[str] = []
-        t0 = time.perf_counter()
-        limit = self.reply_limit()
-        max_new = min(limit, engine.max_new_tokens(len(prompt.ids)))
-        stream = engine.generate(prompt.ids, replace(s, max_tokens=max_new, seed=seed))
-        stats.finish_reason = "length" if max_new >= limit else "context"
+        parts: list[str] = []
+        failed = False
+        stream = self.backend.stream_reply(self, params, stats, tokens, cancel)
         try:
-            for column, _ in stream:
-                token = column[0]
-                if not tokens and stats.ttft_s == 0.0:
-                    stats.ttft_s = time.perf_counter() - t0
-                if token in engine.stop_tokens:
-                    stats.finish_reason = "stop"
-                    break
-                tokens.append(token)
-                stats.completion_tokens = len(tokens)
-                stats.elapsed_s = time.perf_counter() - t0
-                delta = decoder.push(token)
-                if delta:
-                    text_parts.append(delta)
-                    yield delta
-                if cancel is not None and cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    break
+            for delta in stream:
+                parts.append(delta)
+                yield delta
         except GeneratorExit:
             stats.finish_reason = "cancelled"
             raise
+        except BaseException:
+            failed = True
+            raise
         finally:
             stream.close()
-            stats.elapsed_s = time.perf_counter() - t0
-            tail = decoder.flush()
-            if tail:
-                text_parts.append(tail)
-            self._commit("".join(text_parts), tokens)
-        if tail:
-            yield tail
+            if parts or tokens or not failed:
+                self._commit("".join(parts), tokens)
 
     def _commit(self, text: str, tokens: list[int]) -> None:
         if self.completion_mode:
@@ -484,9 +627,9 @@ def run_command(session: ChatSession, line: str) -> CommandResult:
 class OneShotResult:
     reply: str
     model: str
-    stage: str
-    tag: str
-    step: int
+    stage: str | None  # None (and tag/step None) when a server's model id is not a checkpoint label
+    tag: str | None
+    step: int | None
     mode: str  # chat | completion
     stats: GenerationStats
     notices: list[str]
@@ -505,18 +648,19 @@ class OneShotResult:
 
 
 def run_once(
-    loaded: LoadedModel,
+    model: ChatBackend | LoadedModel,
     prompt: str,
     settings: SamplingParams | None = None,
     system: str | None = None,
     on_delta: Callable[[str], None] | None = None,
 ) -> OneShotResult:
-    """Answer (or, for base models, complete) one prompt."""
-    session = ChatSession(loaded, settings, system)
+    """Answer (or, for base models, complete) one prompt, locally or through a server's backend."""
+    session = ChatSession(model, settings, system)
+    backend = session.backend
     reply = collect(session.send(prompt), on_delta)
     stats = session.last_stats or GenerationStats()
-    if not reply.strip() and not loaded.completion_mode and stats.completion_tokens == 0:
+    if not reply.strip() and not backend.completion_mode and stats.completion_tokens == 0:
         session.notices.append("the model ended its reply immediately")
-    ref = loaded.ref
-    mode = "completion" if loaded.completion_mode else "chat"
-    return OneShotResult(reply, ref.label, ref.stage, ref.tag, ref.step, mode, stats, session.notices)
+    who = backend.identity
+    mode = "completion" if backend.completion_mode else "chat"
+    return OneShotResult(reply, who.model, who.stage, who.tag, who.step, mode, stats, session.notices)

@@ -1,4 +1,5 @@
-"""`nanoctl chat`: a Textual chat app over `nanoctl.chat.ChatSession`.
+"""`nanoctl chat`: a Textual chat app over `nanoctl.chat.ChatSession` (a local checkpoint or, with
+`--url`, an OpenAI-compatible server: the session's backend).
 
 Layout (fits 80x24): a scrolling message view anchored to the bottom (it stops following while the
 user scrolls up, and follows again once they are back at the bottom), a multi-line input (Enter sends,
@@ -25,7 +26,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Label, Markdown, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
-from nanoctl.chat import COMMANDS_HELP, MIN_TERMINAL, ChatSession, LoadedModel, run_command
+from nanoctl.chat import COMMANDS_HELP, MIN_TERMINAL, ChatBackend, ChatSession, LoadedModel, run_command
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError
 
@@ -135,7 +136,7 @@ class ChatApp(App[None]):
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        loaded: LoadedModel | ChatBackend,
         settings: SamplingParams | None = None,
         system: str | None = None,
         home: str | Path | None = None,
@@ -192,9 +193,10 @@ class ChatApp(App[None]):
         return self.query_one("#prompt", PromptInput)
 
     def _welcome(self) -> None:
-        loaded = self.session.loaded
-        mode = "completion mode: base model, no chat template" if loaded.completion_mode else "chat mode"
-        self._notice(f"{loaded.label} ({mode}). Enter sends · Ctrl+J newline · /help for commands")
+        backend = self.session.backend
+        mode = "completion mode: base model, no chat template" if backend.completion_mode else "chat mode"
+        where = f" at {backend.location}" if backend.location else ""
+        self._notice(f"{backend.label}{where} ({mode}). Enter sends · Ctrl+J newline · /help for commands")
 
     def _notice(self, text: str, error: bool = False) -> Notice:
         notice = Notice(text, markup=False, classes="error" if error else "")
@@ -206,9 +208,10 @@ class ChatApp(App[None]):
         st = s.settings
         stats = s.last_stats
         tps = self._live_tps if self._live_tps is not None else (stats.tokens_per_s if stats else None)
+        used, ctx = s.context_used(), s.backend.context_len  # None: a server that keeps its own count
         parts = [
-            s.loaded.label,
-            f"ctx {s.context_used()}/{s.loaded.context_len}",
+            s.backend.label,
+            f"ctx {'–' if used is None else used}/{'?' if ctx is None else ctx}",
             f"{tps:.1f} tok/s" if tps else "– tok/s",
             f"T {st.temperature:g} k {st.top_k or 'off'} p {st.top_p if st.top_p is not None else 'off'}",
         ]
@@ -260,10 +263,10 @@ class ChatApp(App[None]):
         return [m for m in self.chat_view.query(ChatMessage) if role is None or m.role == role]
 
     def _start(self, make_stream: Callable[[threading.Event], Iterator[str]], user_text: str | None) -> None:
-        loaded = self.session.loaded
+        backend = self.session.backend
         if user_text is not None:
             self.chat_view.mount(ChatMessage("user", user_text, "you"))
-        title = f"{loaded.label} (completion)" if loaded.completion_mode else loaded.label
+        title = f"{backend.label} (completion)" if backend.completion_mode else backend.label
         reply = ChatMessage("assistant", "", title)
         reply.add_class("generating")
         self.chat_view.mount(reply)
@@ -406,7 +409,12 @@ class ChatApp(App[None]):
 
     def action_pick_model(self) -> None:
         if self._loader is None:
-            self.notify("Model switching is not available here.")
+            where = self.session.backend.location
+            self.notify(
+                f"The server at {where} picks the model."
+                if where
+                else "Model switching is not available here."
+            )
             return
         if self._generating:
             self.notify("Still generating; Esc stops it.", severity="warning")
@@ -417,10 +425,10 @@ class ChatApp(App[None]):
         if not refs:
             self.notify("No checkpoints in the home.", severity="warning")
             return
-        self.push_screen(ModelPicker(refs, self.session.loaded.label), self._model_picked)
+        self.push_screen(ModelPicker(refs, self.session.backend.label), self._model_picked)
 
     def _model_picked(self, ref: Any) -> None:
-        if ref is None or ref.label == self.session.loaded.label:
+        if ref is None or ref.label == self.session.backend.label:
             return
         self._notice(f"loading {ref.label}…")
         self._load_model(ref)
@@ -444,7 +452,7 @@ class ChatApp(App[None]):
 
 
 def run_tui(
-    loaded: LoadedModel,
+    loaded: LoadedModel | ChatBackend,
     settings: SamplingParams | None = None,
     system: str | None = None,
     home: str | Path | None = None,
