@@ -92,8 +92,8 @@ def _rust_check() -> Check:
     try:
         from nanoctl import _rustbpe  # noqa: F401
     except ImportError as e:
-        return Check("runtime", "tokenizer", False, f"Rust extension missing ({e})", "reinstall: pip install .")
-    return Check("runtime", "tokenizer", True, "Rust BPE trainer loaded")
+        return Check("runtime", "bpe trainer", False, f"Rust extension missing ({e})", "reinstall: pip install .")
+    return Check("runtime", "bpe trainer", True, "Rust BPE trainer loaded")
 
 
 def _home_checks(home: Home) -> tuple[list[Check], str]:
@@ -118,16 +118,15 @@ def _home_checks(home: Home) -> tuple[list[Check], str]:
         labels = stages.get(stage, [])
         checks.append(Check("home", f"{stage} checkpoints", bool(labels),
                             f"{len(labels)} (newest {labels[-1]})" if labels else "none", ""))
-    if not tok:
-        nxt = "nanoctl tok train"
-    elif "base" not in stages:
-        nxt = "nanoctl pretrain"
-    elif "mid" not in stages:
-        nxt = "nanoctl mid"
-    elif "sft" not in stages:
-        nxt = "nanoctl sft"
-    else:
+    # The step after the furthest stage reached (a chat model can be talked to already).
+    if stages.keys() & {"sft", "rl"}:
         nxt = "nanoctl chat"
+    elif "mid" in stages:
+        nxt = "nanoctl sft"
+    elif "base" in stages:
+        nxt = "nanoctl mid"
+    else:
+        nxt = "nanoctl pretrain" if tok else "nanoctl tok train"
     return checks, nxt
 
 
