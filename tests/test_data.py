@@ -1,4 +1,4 @@
-"""Pretraining shards: format, the embedded sample, ingest of real files, download over loopback HTTP."""
+"""Pretraining shards: format, the embedded sample, download over loopback HTTP (ingest: test_ingest.py)."""
 
 from __future__ import annotations
 
@@ -181,113 +181,7 @@ def test_corrupt_shard_is_one_clear_error(home: Path) -> None:
     assert summary.problems and "shard_00001.parquet" in summary.problems[0]
 
 
-# --------------------------------------------------------------------------------------------- ingest
-
-
-def test_ingest_text_files(home: Path, shared_data: Path, tmp_path: Path) -> None:
-    src = tmp_path / "books"
-    (src / "sub").mkdir(parents=True)
-    books = _books(shared_data)[:4]
-    for i, b in enumerate(books):
-        (src / ("sub" if i % 2 else "") / f"book{i}.{'md' if i == 3 else 'txt'}").write_text(b["text"])
-    (src / "cover.png").write_bytes(b"\x89PNG")
-    (src / ".hidden.txt").write_text("ignored")
-
-    r = ingest(IngestOptions(paths=[src], split="paragraph", min_chars=200, shard_chars=500_000, seed=1))
-    assert r.files == 4 and r.skipped_files == [str(src / "cover.png")] and r.skipped_short > 0
-    paths = list_shards(home / "data" / "base")
-    assert len(paths) == r.shards >= 3
-    texts = _all_texts(paths)
-    assert len(texts) == r.documents and all(len(t) >= 200 for t in texts)
-    assert sum(len(t) for t in texts) == r.characters
-    assert _all_texts(paths[-1:]) == texts[-r.val_documents :]
-    paragraphs = {p.strip() for b in books for p in re.split(r"\n[ \t]*\n", b["text"])}
-    assert set(texts) <= paragraphs
-    assert not resolve_pretrain_shards(Home(home)).is_sample
-
-    # deterministic for a seed; --force needed to replace
-    with pytest.raises(NanoctlError, match="already holds"):
-        ingest(IngestOptions(paths=[src], split="paragraph", min_chars=200, shard_chars=500_000, seed=1))
-    r2 = ingest(
-        IngestOptions(paths=[src], split="paragraph", min_chars=200, shard_chars=500_000, seed=1, force=True)
-    )
-    assert r2.documents == r.documents and _all_texts(list_shards(home / "data" / "base")) == texts
-
-    # file mode: one document per file; output inside the input tree is not read back on a rerun
-    for force in (False, True):
-        r3 = ingest(IngestOptions(paths=[src], out=src / "shards", force=force))
-        assert r3.files == 4 and r3.documents == 4 and r3.shards == 2 and r3.val_documents == 1
-    assert sorted(_all_texts(list_shards(src / "shards"))) == sorted(b["text"].strip() for b in books)
-
-
-def test_ingest_jsonl_and_parquet(home: Path, shared_data: Path, tmp_path: Path) -> None:
-    gsm = shared_data / "gsm8k" / "train.jsonl"
-    r = ingest(IngestOptions(paths=[gsm], text_field="question", out=tmp_path / "gsm", val_fraction=0.01))
-    with open(gsm) as f:
-        questions = [json.loads(line)["question"].strip() for line in f]
-    texts = _all_texts(list_shards(tmp_path / "gsm"))
-    assert r.documents == len(questions) == 7473 and sorted(texts) == sorted(questions)
-    assert r.val_documents == 75
-
-    r = ingest(IngestOptions(paths=[shared_data / "pretrain"], shard_chars=5_000_000, out=tmp_path / "pt"))
-    assert r.files == 9 and r.documents == 3428 and r.shards == 4  # round(17.2M / 5M) train + 1 val
-    assert json.loads((tmp_path / "pt" / "dataset.json").read_text())["source"] == "ingest"
-
-    gz = tmp_path / "books.jsonl.gz"
-    gz.write_bytes((shared_data / "public_domain" / "books.jsonl.gz").read_bytes())
-    r = ingest(IngestOptions(paths=[gz], out=tmp_path / "gz"))
-    assert r.documents == 58
-
-
-def test_ingest_undecodable_bytes_are_replaced_and_counted(home: Path, tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait \xff\xfe and more")
-    (tmp_path / "b.txt").write_text("plain text \ufffd already here")
-    r = ingest(IngestOptions(paths=[tmp_path / "a.txt", tmp_path / "b.txt"]))
-    assert r.replaced_chars == 3 and r.files_with_replacements == 1
-    assert "caf\ufffd au lait \ufffd\ufffd and more" in _all_texts(list_shards(home / "data" / "base"))
-
-
-def test_ingest_cli_summary_and_json(home: Path, shared_data: Path) -> None:
-    res = runner.invoke(app, ["data", "ingest", str(shared_data / "pretrain"), "--shard-chars", "9000000"])
-    assert res.exit_code == 0, res.output
-    assert "9 file(s): 3,428 documents" in res.stdout and "3 shards" in res.stdout
-    res = runner.invoke(app, ["data", "ls", "--json"])
-    assert res.exit_code == 0
-    listing = {e["name"]: e for e in json.loads(res.stdout)}
-    assert (
-        listing["base"]["active"] and listing["base"]["shards"] == 3 and listing["base"]["documents"] == 3428
-    )
-    pre = _all_texts(list_shards(shared_data / "pretrain"))
-    assert listing["base"]["characters"] == sum(len(t.strip()) for t in pre)
-    assert not listing["sample"]["active"] and listing["sample"]["shards"] == 0
-    res = runner.invoke(app, ["data", "ls"])
-    assert res.exit_code == 0 and "base *" in res.stdout and "ingest" in res.stdout
-
-
-@pytest.mark.parametrize(
-    ("args", "code", "needle"),
-    [
-        (["/nonexistent/books"], 1, "/nonexistent/books does not exist"),
-        (["{tmp}/x.csv"], 2, "x.csv: unsupported file type"),
-        (["{tmp}/bad.jsonl"], 1, "bad.jsonl:2: no 'text' field (found: title)"),
-        (["{tmp}/one.txt"], 1, "found 1 document(s)"),
-        (["{tmp}/empty"], 1, "no .txt/.md/.jsonl/.parquet files found"),
-        (["{tmp}/one.txt", "--split", "sentence"], 2, "--split must be one of file, paragraph"),
-        (["{tmp}/one.txt", "--val-fraction", "0"], 2, "--val-fraction must be between 0 and 1"),
-    ],
-)
-def test_ingest_bad_input_one_line_errors(
-    home: Path, tmp_path: Path, args: list[str], code: int, needle: str
-) -> None:
-    (tmp_path / "x.csv").write_text("a,b\n")
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"title": "no text"}\n')
-    (tmp_path / "one.txt").write_text("just one document")
-    (tmp_path / "empty").mkdir()
-    res = runner.invoke(app, ["data", "ingest", *[a.replace("{tmp}", str(tmp_path)) for a in args]])
-    assert res.exit_code == code
-    lines = _error_lines(res)
-    assert lines[0].startswith("error: ") and needle in lines[0]
-    assert len(lines) <= 2 and all(line.startswith(("error: ", "hint: ")) for line in lines)
+# ingest: tests/test_ingest.py
 
 
 # --------------------------------------------------------------------------------------------- download

@@ -150,38 +150,70 @@ def data_ingest(
     paths: Annotated[
         list[Path],
         typer.Argument(
-            help="Files (.txt .md .jsonl .parquet, also .txt.gz/.jsonl.gz) or directories (read recursively).",
+            help="Files (.txt .md .jsonl .parquet, also .txt.gz/.jsonl.gz), directories (read recursively), "
+            "or - for plain text on stdin.",
             show_default=False,
         ),
     ],
-    split: Annotated[
-        str,
+    doc_chars: Annotated[
+        int,
         typer.Option(
-            "--split", help="Text files: one document per 'file', or per blank-line-separated 'paragraph'."
+            "--doc-chars",
+            help="Plain text: paragraphs (blank-line separated) grouped into documents of up to this many "
+            "characters; only a longer paragraph is cut.",
         ),
-    ] = _ingest("split"),
+    ] = _ingest("doc_chars"),
+    one_doc_per_file: Annotated[
+        bool, typer.Option("--one-doc-per-file", help="Plain text: one document per file (no grouping).")
+    ] = _ingest("one_doc_per_file"),
     min_chars: Annotated[
         int, typer.Option("--min-chars", help="Skip documents shorter than this many characters.")
     ] = _ingest("min_chars"),
     text_field: Annotated[
-        str, typer.Option("--text-field", help="JSONL field / parquet column that holds the text.")
+        str, typer.Option("--text-field", help="JSONL field that holds the text.")
     ] = _ingest("text_field"),
+    column: Annotated[str, typer.Option("--column", help="Parquet column that holds the text.")] = _ingest(
+        "column"
+    ),
+    encoding: Annotated[
+        str,
+        typer.Option("--encoding", help="Encoding of text and JSONL files (e.g. latin-1, cp1252, utf-16)."),
+    ] = _ingest("encoding"),
+    encoding_errors: Annotated[
+        str,
+        typer.Option(
+            "--encoding-errors",
+            help="strict: a byte that does not decode is an error; replace: replace it with U+FFFD (counted).",
+        ),
+    ] = _ingest("encoding_errors"),
     shard_chars: Annotated[
         int, typer.Option("--shard-chars", help="Target characters per train shard (nanochat: 250M).")
     ] = _ingest("shard_chars"),
     val_fraction: Annotated[
         float,
         typer.Option(
-            "--val-fraction", help="Share of documents in the validation shard (the last; >= 1 document)."
+            "--val-fraction",
+            help="Share of documents in the validation shard, in (0, 0.5]: at least one document, at most one "
+            "shard; picked by a seeded hash of each document, so the same inputs give the same split.",
         ),
     ] = _ingest("val_fraction"),
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the document shuffle.")] = _ingest("seed"),
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the validation hash and the train shuffle.")
+    ] = _ingest("seed"),
     row_group_size: Annotated[
         int | None,
         typer.Option(
             "--row-group-size", help="Documents per parquet row group (default: ~16 groups, <= 1024)."
         ),
     ] = _ingest("row_group_size"),
+    reshard: Annotated[
+        bool,
+        typer.Option(
+            "--reshard",
+            help="Re-shard parquet files already in nanochat's shard format (a text column) instead of "
+            "taking them as they are (in order, the last as validation).",
+        ),
+    ] = _ingest("reshard"),
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Directory for the shards (default: <home>/data/base).")
     ] = _ingest("out"),
@@ -190,25 +222,32 @@ def data_ingest(
     ] = _ingest("force"),
     json_output: JsonOption = False,
 ) -> None:
-    """Turn local text into pretraining shards (shuffled; the last shard is validation).
+    """Turn local text into pretraining shards: train shards plus a validation shard (the last).
 
-    No append mode: to add text, rerun with every input and --force (the output is deterministic).
-    Bytes that are not UTF-8 are replaced (U+FFFD) and counted in the summary.
+    Plain text is split at blank lines and grouped into documents of up to --doc-chars characters. The
+    validation shard holds --val-fraction of the documents, chosen by a seeded hash (the same inputs give
+    the same split). Parquet files in nanochat's shard format are taken as they are unless --reshard.
+    No append mode: to add text, rerun with every input and --force. Nothing is written on an error.
 
-    Example: [cyan]nanoctl data ingest ./books/ notes.md --split paragraph --min-chars 200[/]
+    Example: [cyan]nanoctl data ingest ./books/ notes.md --doc-chars 8000 --val-fraction 0.01[/]
     """
     from nanoctl.data.ingest import ingest
 
     opts = IngestOptions(
         paths=list(paths),
         out=out_dir,
-        split=split,
+        doc_chars=doc_chars,
+        one_doc_per_file=one_doc_per_file,
         min_chars=min_chars,
         text_field=text_field,
+        column=column,
+        encoding=encoding,
+        encoding_errors=encoding_errors,
         shard_chars=shard_chars,
         val_fraction=val_fraction,
         seed=seed,
         row_group_size=row_group_size,
+        reshard=reshard,
         force=force,
     )
     from rich.progress import MofNCompleteColumn
@@ -225,23 +264,51 @@ def data_ingest(
     if json_output:
         out.print_json(json.dumps(result.to_dict()))
         return
-    out.print(
-        f"Ingested {result.files} file(s): {result.documents:,} documents, {result.characters:,} characters "
-        f"-> {result.shards} shards in {result.directory} (last = validation: {result.val_documents:,} documents, "
-        f"{result.val_characters:,} characters)",
-        soft_wrap=True,
-    )
-    notes = []
+    for line in ingest_summary(result, opts):
+        out.print(line, soft_wrap=True)
+
+
+def _chars(n: int | None) -> str:
+    return "characters not counted" if n is None else f"{n:,} characters"
+
+
+def ingest_summary(result: Any, opts: IngestOptions) -> list[str]:
+    """The lines `data ingest` prints: what went where, then notes."""
+    if result.mode == "shards":
+        how = (
+            f"took {result.files} nanochat-format shard(s) as they are "
+            f"({result.linked} linked, {result.copied} copied; --reshard to re-split them)"
+        )
+    else:
+        how = f"read {result.files} file(s)"
+        if result.text_files and opts.one_doc_per_file:
+            how += f"; {result.text_files} plain-text file(s) as one document each"
+        elif result.text_files:
+            how += f"; plain text grouped into documents of up to {opts.doc_chars:,} characters"
+    val_share = f"{result.val_documents / result.documents:.1%}" if result.documents else "0%"
+    lines = [
+        f"Ingested into {result.directory}: {how}",
+        f"  train: {result.train_documents:,} documents, {_chars(result.train_characters)} "
+        f"({result.shards - 1} shard{'s' if result.shards != 2 else ''})",
+        f"  val:   {result.val_documents:,} documents, {_chars(result.val_characters)} "
+        f"(the last shard; {val_share} of the documents)",
+    ]
+    notes = list(result.notes)
+    if result.cut_paragraphs:
+        notes.append(f"{result.cut_paragraphs:,} paragraph(s) longer than --doc-chars were cut")
     if result.skipped_short:
         notes.append(f"{result.skipped_short:,} documents under --min-chars skipped")
     if result.skipped_files:
         notes.append(f"{len(result.skipped_files)} file(s) of other types skipped")
+    if result.empty_files:
+        notes.append(f"{len(result.empty_files)} empty file(s) skipped")
     if result.replaced_chars:
         notes.append(
             f"{result.replaced_chars:,} undecodable bytes replaced in {result.files_with_replacements} file(s)"
         )
     if notes:
-        out.print("note: " + "; ".join(notes), soft_wrap=True)
+        lines.append("note: " + "; ".join(notes))
+    return lines
 
 
 @data_app.command("ls")

@@ -249,21 +249,26 @@ def write_shard(
     return shard_info(path)
 
 
-def plan_shards(docs: Sequence[str], shard_chars: int, val_fraction: float) -> list[list[str]]:
+def plan_shards(
+    docs: Sequence[str], shard_chars: int, val_fraction: float | None = None, *, n_val: int | None = None
+) -> list[list[str]]:
     """Split docs (already in final order) into train shards of ~shard_chars plus one val shard, last.
 
-    The val shard takes the last max(1, round(n * val_fraction)) docs; there is always >= 1 train shard.
+    The val shard takes the last `n_val` docs, or max(1, round(n * val_fraction)); there is always
+    >= 1 train shard.
     """
     if len(docs) < 2:
         raise NanoctlError(
             f"need at least 2 documents (1 train + 1 validation), got {len(docs)}",
-            "add more text, or use --split paragraph to split files into paragraphs",
+            "add more text, or lower --doc-chars so plain text makes several documents",
         )
-    if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if shard_chars < 1:
         raise UsageError(f"--shard-chars must be positive, got {shard_chars}")
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
+    if n_val is None:
+        if val_fraction is None or not 0.0 < val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        n_val = round(len(docs) * val_fraction)
+    n_val = min(len(docs) - 1, max(1, n_val))
     train, val = docs[: len(docs) - n_val], docs[len(docs) - n_val :]
     # Even sizes, no small tail shard: round(total / shard_chars) shards, closed at cumulative targets.
     total = sum(len(d) for d in train)
