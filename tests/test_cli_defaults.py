@@ -72,7 +72,7 @@ ROWS: list[tuple[tuple[str, ...], type, dict[str, Field]]] = [
         ("tok", "train"),
         TokTrainOptions,
         {
-            **same("vocab_size", "max_chars", "doc_cap", "text_field", "force"),
+            **same("vocab_size", "max_chars", "doc_cap", "text_field", "encoding", "force"),
             "inputs": ("inputs", lambda v: list(v or [])),
         },
     ),

@@ -158,8 +158,13 @@ def test_undecodable_input_file(home: Path, tmp_path: Path) -> None:
     bad.write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
     res = invoke("tok", "train", "--input", str(bad), "--vocab-size", "300")
     assert res.exit_code == 1
-    _one_line_error(res, str(bad), "not valid UTF-8", "iconv")
+    _one_line_error(res, str(bad), "not valid UTF-8 at byte offset 3", "--encoding", "iconv")
     assert not (home / "tokenizer").exists()
+    res = invoke(
+        "tok", "train", "--input", str(bad), "--vocab-size", "300", "--encoding", "latin-1", "--json"
+    )
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["characters"] == len("caf\xe9 cr\xe8me br\xfbl\xe9e")
 
 
 def test_corrupt_and_missing_shards(shard_home: Path) -> None:
@@ -184,7 +189,8 @@ def test_empty_corpus(shard_home: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     res = invoke("tok", "train", "--input", str(empty))
-    assert res.exit_code == 1 and "no text to train on" in res.stderr
+    assert res.exit_code == 1
+    _one_line_error(res, f"{empty} is empty")
 
 
 def test_eval_without_tokenizer(home: Path) -> None:
@@ -230,3 +236,88 @@ def test_cli_module_imports_nothing_heavy() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------- what tok train used
+
+
+@pytest.fixture(scope="module")
+def megabyte(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 1 MB of public-domain prose (../shared/data/public_domain, books 2-4) as one .txt file."""
+    with gzip.open(shared_data / "public_domain" / "books.jsonl.gz", "rt", encoding="utf-8") as f:
+        books = [json.loads(line)["text"] for line in f]
+    text = "\n\n".join(books[1:4])
+    text = text[: text.index("\n\n", 1_000_000)]
+    path = tmp_path_factory.mktemp("mb") / "megabyte.txt"
+    path.write_text(text, encoding="utf-8")
+    assert 1_000_000 <= path.stat().st_size < 1_010_000
+    return path
+
+
+def test_one_megabyte_of_text_trains_the_full_vocabulary(home: Path, megabyte: Path) -> None:
+    res = invoke("data", "ingest", str(megabyte), "--json")
+    assert res.exit_code == 0, res.stderr
+    ingested = json.loads(res.stdout)
+    res = invoke("tok", "train", "--vocab-size", "8192", "--json")
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["vocab_size"] == 8192 and r["warnings"] == [] and "warning" not in res.stderr
+    assert r["characters_read"] == r["characters"] == ingested["train_characters"] > 980_000
+    assert r["documents"] == ingested["train_documents"] and r["documents_capped"] == 0
+    res = invoke("tok", "train", "--vocab-size", "8192", "--force")
+    assert res.exit_code == 0, res.stderr
+    c = f"{r['characters']:,}"
+    assert (
+        f"text: read {c} chars, used {c} after --doc-cap 10,000 (100.0% kept; 0 docs cropped)" in res.stdout
+    )
+
+    # --input reads a text file the same way (paragraphs grouped into documents under the cap)
+    res = invoke("tok", "train", "--input", str(megabyte), "--vocab-size", "8192", "--force", "--json")
+    r = json.loads(res.stdout)
+    assert r["vocab_size"] == 8192 and r["documents_capped"] == 0 and r["characters"] > 990_000
+
+
+def test_a_cap_that_drops_text_says_why_and_which_flag(
+    home: Path, megabyte: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    # The issue's case: two ~1 MB books, one document per file, so the cap keeps 10,000 characters.
+    with gzip.open(shared_data / "public_domain" / "books.jsonl.gz", "rt", encoding="utf-8") as f:
+        other_text = json.loads(f.readline())["text"]  # the first book, 970k characters
+    other = tmp_path / "other.txt"
+    other.write_text(other_text, encoding="utf-8")
+    res = invoke("data", "ingest", str(megabyte), str(other), "--one-doc-per-file", "--val-fraction", "0.5")
+    assert res.exit_code == 0, res.stderr
+    res = invoke("tok", "train", "--vocab-size", "8192", "--json")
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["documents"] == 1 and r["characters"] == 10_000 and r["documents_capped"] == 1
+    assert r["characters_read"] == r["longest_document"] > 960_000 and r["capped_fraction"] > 0.98
+    assert r["vocab_size"] < 8192
+    warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 2, res.stderr
+    assert "--doc-cap 10,000 dropped 99% of the text" in warnings[0] and "Raise --doc-cap" in warnings[0]
+    assert "nanoctl data ingest" in warnings[0]
+    assert (
+        f"vocabulary {r['vocab_size']:,} of the 8,192 asked" in warnings[1]
+        and "raise --doc-cap" in warnings[1]
+    )
+
+    # the flag it names fixes it
+    res = invoke("tok", "train", "--vocab-size", "8192", "--doc-cap", "2000000", "--force", "--json")
+    r = json.loads(res.stdout)
+    assert r["vocab_size"] == 8192 and r["warnings"] == [] and r["characters"] == r["characters_read"]
+
+
+def test_too_little_text_says_more_text_or_max_chars(shard_home: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("A few short lines of text.\n\nNot enough for a large vocabulary.\n", encoding="utf-8")
+    res = invoke("tok", "train", "--input", str(small), "--vocab-size", "4096", "--json")
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["vocab_size"] < 4096 and len(r["warnings"]) == 1
+    assert "train on more text" in r["warnings"][0] and "--doc-cap" not in r["warnings"][0]
+
+    res = invoke("tok", "train", "--vocab-size", "8192", "--max-chars", "20k", "--force", "--json")
+    r = json.loads(res.stdout)
+    assert r["stopped_at_max_chars"] and r["vocab_size"] < 8192
+    assert "raise --max-chars" in r["warnings"][-1]

@@ -3,6 +3,10 @@
 Reads the train shards (or the embedded sample when the home has none, or `--input` files), crops
 each document to `doc_cap` chars, stops after `max_chars`, trains `vocab_size - 9` ranks in Rust and
 saves `<home>/tokenizer/{tokenizer.pkl,token_bytes.pt}` atomically.
+
+The result says what was used: characters read, characters kept after the per-document cap, documents
+cropped. When the cap drops more than `CAP_WARN_FRACTION` of the text, or the text holds fewer merges
+than the vocabulary asks for, a warning says why and which flag changes it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.home import Home
 from nanoctl.tokenizer import MIN_VOCAB_SIZE, PICKLE_NAME, SPLIT_PATTERN, Tokenizer
 
+CAP_WARN_FRACTION = 0.10  # warn when --doc-cap drops more than this share of the characters read
+
 ROUNDTRIP_TEXT = "Hello world! This is a test.\nNumbers: 123, 4567, 89\nContractions: I'm, you're, it's\n" \
     "Special chars: @#$%^&*()\nUnicode: 你好世界 🌍"  # fmt: skip
 
@@ -29,6 +35,7 @@ class TokTrainOptions:
     doc_cap: int = 10_000  # crop each document to this many characters
     inputs: list[Path] = field(default_factory=list)  # local files/dirs instead of the home's shards
     text_field: str = "text"  # JSONL field / parquet column for `inputs`
+    encoding: str = "utf-8"  # of text and JSONL `inputs`
     force: bool = False  # retrain even if the home already has a tokenizer
     pattern: str = SPLIT_PATTERN
     # progress(stage, done, total): ("read", chars, chars_expected) then ("merge", merges, merges_total)
@@ -44,7 +51,12 @@ class TokTrainResult:
     vocab_size: int = 0
     requested_vocab_size: int = 0
     documents: int = 0
-    characters: int = 0
+    characters: int = 0  # characters trained on: after the per-document cap
+    characters_read: int = 0  # characters of the documents read, before the cap
+    documents_capped: int = 0  # documents longer than doc_cap (cropped)
+    longest_document: int = 0  # characters, before the cap
+    doc_cap: int = 0
+    stopped_at_max_chars: bool = False  # reading stopped at max_chars with text left
     bytes: int = 0
     unique_words: int = 0
     seconds: float = 0.0
@@ -56,6 +68,12 @@ class TokTrainResult:
     token_bytes_mean: float = 0.0
     token_bytes_std: float = 0.0
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the cap dropped text; the vocabulary fell short
+
+    @property
+    def capped_fraction(self) -> float:
+        """Share of the characters read that the per-document cap dropped."""
+        return 1 - self.characters / self.characters_read if self.characters_read else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,23 +92,73 @@ def _check(opts: TokTrainOptions) -> None:
         raise UsageError(f"--max-chars must be positive, got {opts.max_chars}")
     if opts.doc_cap <= 0:
         raise UsageError(f"--doc-cap must be positive, got {opts.doc_cap}")
+    import codecs
+
+    try:
+        codecs.lookup(opts.encoding)
+    except LookupError:
+        raise UsageError(
+            f"--encoding {opts.encoding!r} is not a known text encoding",
+            "e.g. utf-8, latin-1, cp1252, utf-16",
+        ) from None
 
 
-def _capped(docs: Iterator[str], doc_cap: int, max_chars: int) -> Iterator[str]:
-    """nanochat's reading rule: crop each doc to doc_cap; stop once max_chars is exceeded."""
-    n = 0
-    for d in docs:
-        if len(d) > doc_cap:
-            d = d[:doc_cap]
-        n += len(d)
-        yield d
-        if n > max_chars:
-            return
+def _warnings(r: TokTrainResult, vocab: int, opts: TokTrainOptions) -> list[str]:
+    """Why the tokenizer saw less text than it was given, or fell short of the vocabulary, and the flag
+    that changes it."""
+    out = []
+    capped = r.capped_fraction > CAP_WARN_FRACTION
+    if capped:
+        out.append(
+            f"--doc-cap {opts.doc_cap:,} dropped {r.capped_fraction:.0%} of the text: read {r.characters_read:,} "
+            f"characters, trained on {r.characters:,} ({r.documents_capped:,} of {r.documents:,} documents were "
+            f"cropped; the longest has {r.longest_document:,} characters). Raise --doc-cap (e.g. --doc-cap "
+            f"{r.longest_document}), or re-ingest plain text with `nanoctl data ingest --force` (documents of up "
+            "to 8,000 characters)"
+        )
+    if vocab < opts.vocab_size:
+        if capped:
+            fix = "raise --doc-cap to train on all of the text read"
+        elif r.stopped_at_max_chars:
+            fix = "raise --max-chars to read more of the text"
+        else:
+            fix = "train on more text (more files, or `nanoctl data download`), or ask for a smaller --vocab-size"
+        out.append(
+            f"vocabulary {vocab:,} of the {opts.vocab_size:,} asked: {r.characters:,} characters hold only "
+            f"{vocab - MIN_VOCAB_SIZE:,} distinct merges (every pair was merged); {fix}"
+        )
+    return out
 
 
-def _input_docs(paths: list[Path], text_field: str) -> Iterator[str]:
-    """Documents of local files, with `data ingest`'s readers, but undecodable bytes are an error here."""
-    from nanoctl.data.ingest import IngestOptions, IngestResult, expand_inputs, read_documents
+class _Reader:
+    """nanochat's reading rule: crop each doc to doc_cap; stop once max_chars is exceeded. Counts what
+    was read and what was kept."""
+
+    def __init__(self, docs: Iterator[str], doc_cap: int, max_chars: int) -> None:
+        self.docs, self.doc_cap, self.max_chars = docs, doc_cap, max_chars
+        self.read = self.used = self.capped = self.longest = self.documents = 0
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[str]:
+        for d in self.docs:
+            n = len(d)
+            self.read += n
+            self.documents += 1
+            self.longest = max(self.longest, n)
+            if n > self.doc_cap:
+                d = d[: self.doc_cap]
+                self.capped += 1
+            self.used += len(d)
+            yield d
+            if self.used > self.max_chars:
+                self.stopped = True  # there may be text left; not peeked (that could read another file)
+                return
+
+
+def _input_docs(paths: list[Path], text_field: str, encoding: str) -> Iterator[str]:
+    """Documents of local files, with `data ingest`'s readers (plain text grouped into documents of up
+    to 8,000 characters); undecodable bytes are an error."""
+    from nanoctl.data.ingest import DecodeError, IngestOptions, IngestResult, expand_inputs, read_documents
 
     files, _skipped = expand_inputs(paths)
     if not files:
@@ -98,16 +166,16 @@ def _input_docs(paths: list[Path], text_field: str) -> Iterator[str]:
             f"no .txt/.md/.jsonl/.parquet files under {', '.join(map(str, paths))}",
             "point --input at text files",
         )
-    opts = IngestOptions(paths=paths, text_field=text_field)
+    opts = IngestOptions(paths=paths, text_field=text_field, column=text_field, encoding=encoding)
     for f in files:
-        stats = IngestResult(directory="")
-        docs = read_documents(f, opts, stats)
-        if stats.replaced_chars:
+        try:
+            docs = read_documents(f, opts, IngestResult(directory=""))
+        except DecodeError as e:
             raise NanoctlError(
-                f"{f} is not valid UTF-8 ({stats.replaced_chars} undecodable byte sequences)",
-                f"convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8 {f.name}`), or run `nanoctl data ingest` "
-                "which replaces them with U+FFFD",
-            )
+                e.message,
+                f"pass --encoding NAME for its encoding (e.g. latin-1), convert it (`iconv -f latin1 -t utf-8 "
+                f"{f.name}`), or ingest it with `nanoctl data ingest --encoding-errors replace`",
+            ) from None
         yield from docs
 
 
@@ -146,7 +214,7 @@ def train_tokenizer(
     if opts.inputs:
         result.source = "input"
         result.source_directory = ", ".join(str(p) for p in opts.inputs)
-        docs = _input_docs(list(opts.inputs), opts.text_field)
+        docs = _input_docs(list(opts.inputs), opts.text_field, opts.encoding)
     else:
         from nanoctl.data.shards import iter_shard_texts, resolve_pretrain_shards
 
@@ -171,10 +239,11 @@ def train_tokenizer(
         else:
             progress(stage, done, total)
 
+    reader = _Reader(iter(docs), opts.doc_cap, opts.max_chars)
     t0 = time.perf_counter()
     try:
         tok = Tokenizer.train_from_iterator(
-            _capped(docs, opts.doc_cap, opts.max_chars),
+            reader,
             opts.vocab_size,
             pattern=opts.pattern,
             progress=on_progress,
@@ -194,11 +263,14 @@ def train_tokenizer(
             f"no text to train on: {result.source_directory} holds no documents",
             "add text with `nanoctl data ingest PATH` (or remove the empty shards to use the embedded sample)",
         )
-    if tok.get_vocab_size() < opts.vocab_size:
-        result.notes.append(
-            f"the corpus only supports {tok.get_vocab_size()} tokens (asked {opts.vocab_size}): "
-            "every pair was merged; use more text for a larger vocabulary"
-        )
+    result.documents = int(stats["docs"])
+    result.characters_read = reader.read
+    result.characters = int(stats["chars"])
+    result.documents_capped = reader.capped
+    result.longest_document = reader.longest
+    result.doc_cap = opts.doc_cap
+    result.stopped_at_max_chars = reader.stopped
+    result.warnings.extend(_warnings(result, tok.get_vocab_size(), opts))
     if tok.decode(tok.encode(ROUNDTRIP_TEXT)) != ROUNDTRIP_TEXT:  # nanochat's sanity check
         raise NanoctlError("trained tokenizer failed the encode/decode round trip", "please report this bug")
     tok.save(target)
@@ -206,8 +278,6 @@ def train_tokenizer(
     tb = [b for b in tok.token_bytes() if b > 0]
     mean = sum(tb) / len(tb)
     result.vocab_size = tok.get_vocab_size()
-    result.documents = int(stats["docs"])
-    result.characters = int(stats["chars"])
     result.bytes = int(stats["bytes"])
     result.unique_words = int(stats["unique_words"])
     result.seconds = seconds

@@ -60,7 +60,11 @@ def tok_train(
         ),
     ] = _train("max_chars"),
     doc_cap: Annotated[
-        int, typer.Option("--doc-cap", help="Crop each document to this many characters.")
+        int,
+        typer.Option(
+            "--doc-cap",
+            help="Crop each document to this many characters (nanochat's rule; reported when it drops text).",
+        ),
     ] = _train("doc_cap"),
     inputs: Annotated[
         list[Path] | None,
@@ -76,6 +80,9 @@ def tok_train(
         str,
         typer.Option("--text-field", help="JSONL field / parquet column holding the text (with --input)."),
     ] = _train("text_field"),
+    encoding: Annotated[
+        str, typer.Option("--encoding", help="Encoding of text and JSONL files (with --input).")
+    ] = _train("encoding"),
     force: Annotated[
         bool, typer.Option("--force", help="Retrain even if the home already has a tokenizer.")
     ] = _train("force"),
@@ -126,6 +133,7 @@ def tok_train(
         doc_cap=doc_cap,
         inputs=list(inputs or []),
         text_field=text_field,
+        encoding=encoding,
         force=force,
         progress=on_progress,
     )
@@ -133,19 +141,29 @@ def tok_train(
         result = train_tokenizer(opts, home=home_of(ctx))
     for note in result.notes:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", highlight=False, soft_wrap=True, markup=False)
     if json_output:
-        out.print_json(json.dumps(result.to_dict()))
+        out.print_json(json.dumps(dict(result.to_dict(), capped_fraction=result.capped_fraction)))
         return
     if result.skipped:
         out.print(
             f"tokenizer already trained (vocab {result.vocab_size:,}) in {result.directory}", soft_wrap=True
         )
         return
+    vocab = f"vocab {result.vocab_size:,}"
+    if result.vocab_size < result.requested_vocab_size:
+        vocab += f" of {result.requested_vocab_size:,} asked"
+    stop = ", stopped at --max-chars" if result.stopped_at_max_chars else ""
     out.print(
-        f"Trained tokenizer: vocab {result.vocab_size:,} on {_fmt(result.characters)} chars "
-        f"({result.documents:,} docs, {result.source}) in {result.seconds:.1f}s "
-        f"(read+count {result.read_seconds:.1f}s, merges {result.merge_seconds:.1f}s), "
+        f"Trained tokenizer: {vocab} on {result.characters:,} chars ({result.documents:,} docs, {result.source}) "
+        f"in {result.seconds:.1f}s (read+count {result.read_seconds:.1f}s, merges {result.merge_seconds:.1f}s), "
         f"{_fmt(result.chars_per_second)} chars/s",
+        soft_wrap=True,
+    )
+    out.print(
+        f"text: read {result.characters_read:,} chars, used {result.characters:,} after --doc-cap "
+        f"{result.doc_cap:,} ({1 - result.capped_fraction:.1%} kept; {result.documents_capped:,} docs cropped{stop})",
         soft_wrap=True,
     )
     out.print(
