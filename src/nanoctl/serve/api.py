@@ -478,15 +478,17 @@ def create_app(
         choices = _Choices(gen.n, model.tokenizer, gen.stop)
         events = _events(handle, choices, metrics)
         if gen.stream:
-            return StreamingResponse(
+            return _GenerationStream(
                 _stream(gen, model, ids, choices, events, handle, len(prompt), endpoint),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # proxies: do not buffer
+                lambda: _done(handle, gen, model, ids, choices, len(prompt), endpoint),
             )
         return await _collect(request, gen, model, ids, choices, events, handle, len(prompt), endpoint)
 
     def _done(handle: RequestHandle, gen: Generation, model: ServedModel, ids: Ids, choices: _Choices,
               prompt_tokens: int, endpoint: str, error: str | None = None) -> None:  # fmt: skip
+        """Once per request, however it ended: free its rows, forget it, log it."""
+        if handle not in state.handles:
+            return
         handle.cancel()  # frees the rows of choices that ended early (stop string, disconnect, error)
         state.handles.discard(handle)
         if log is not None:
@@ -567,6 +569,27 @@ def create_app(
             _done(handle, gen, model, ids, choices, prompt_tokens, endpoint, error)
 
     return app
+
+
+class _GenerationStream(StreamingResponse):
+    """An SSE response that runs `on_close` however the response ends: the body generator's own
+    `finally` never runs if the client hangs up before the first chunk is pulled, and the rows would
+    keep decoding for nobody."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Any) -> None:
+        # no-cache and X-Accel-Buffering: proxies (nginx) must pass events on as they come
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def _disconnected(request: Request) -> None:

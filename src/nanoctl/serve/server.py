@@ -355,21 +355,24 @@ def _draining_server() -> type:
             self.drain_timeout = timeout
             self.say = say
             self.deadline: float | None = None
+            self.announced = False
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Not recorded in _captured_signals: uvicorn re-raises those after shutdown, which would
-            # turn a clean drain into death by SIGTERM (exit 143).
+            # turn a clean drain into death by SIGTERM (exit 143). Only flags are set here (a signal
+            # handler may interrupt a print); on_tick, on the event loop, does the rest.
             if self.deadline is not None:  # a second signal: stop waiting
-                self.state.cancel_all()
-                self.should_exit = True
+                self.deadline = time.monotonic()
                 return
             self.deadline = time.monotonic() + self.drain_timeout
-            self.state.begin_drain()
-            self.say(
-                {"event": "draining", "in_flight": self.state.in_flight, "timeout_s": self.drain_timeout}
-            )
+            self.state.begin_drain()  # from now on new requests get 503
 
         async def on_tick(self, counter: int) -> bool:
+            if self.deadline is not None and not self.announced:
+                self.announced = True
+                self.say(
+                    {"event": "draining", "in_flight": self.state.in_flight, "timeout_s": self.drain_timeout}
+                )
             if self.deadline is not None and not self.should_exit:
                 if self.state.in_flight == 0:
                     self.should_exit = True
