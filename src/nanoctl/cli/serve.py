@@ -15,7 +15,7 @@ from nanoctl.cli.options import options_command
 
 DOC = """Serve a checkpoint over HTTP with OpenAI's API (chat and text completions, streaming).
 
-Continuous batching: every request's samples decode together. Listens on 127.0.0.1 unless --host; --api-key (or $NANOCTL_API_KEY) requires a bearer key. /health answers 503 while loading and when shutting down; /metrics is Prometheus text. SIGTERM drains: requests in flight finish, then exit 0.
+Continuous batching: every request's samples decode together. Listens on 127.0.0.1 unless --host; --api-key (or $NANOCTL_API_KEY) requires a bearer key. /health answers 503 while loading and when shutting down; /metrics is Prometheus text. SIGTERM drains: requests in flight finish, then exit 0. --json prints one JSON line per event (listening, ready, draining, stopped) on stdout.
 
 Example: [cyan]nanoctl serve --port 8000 --api-key secret[/]
 """

@@ -533,6 +533,9 @@ def create_app(
         except _Failed as e:
             error = e.error.message
             yield _sse(e.error.body())  # one error event, then the stream ends (vLLM's convention)
+        except Exception as e:  # a bug: the headers are sent already, so say it in the stream
+            error = f"{type(e).__name__}: {e}"
+            yield _sse(ApiError(500, f"Internal server error: {error}").body())
         finally:
             # Also reached when the client disconnects: the response task is cancelled inside `events`.
             _done(handle, gen, model, ids, choices, prompt_tokens, endpoint, error)
