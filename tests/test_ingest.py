@@ -62,7 +62,7 @@ def book_files(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _book_paths(src: Path) -> list[Path]:
-    return sorted(p for p in src.rglob("*") if p.suffix in (".txt", ".md"))
+    return sorted(p for p in src.rglob("*") if p.suffix in (".txt", ".md") and not p.name.startswith("."))
 
 
 # ------------------------------------------------------------------------------------- plain text documents
