@@ -67,10 +67,11 @@ runner = CliRunner()
 
 @functools.cache
 def long_runner() -> GPT:
-    """Random weights, a 1024-token context, zero output rows for every special token: greedy decoding
-    never picks them (some ordinary logit is always > 0), so no stop, no calculator, exactly max_tokens."""
+    """Random weights, an 8192-token context, zero output rows for every special token: greedy decoding
+    never picks them (some ordinary logit is always > 0), so no stop, no calculator, exactly max_tokens.
+    The long context lets a request outlast whatever a test does meanwhile, even on a fast machine."""
     tok = tiny_tokenizer()
-    model = random_model(tiny_config(sequence_len=1024), seed=1)
+    model = random_model(tiny_config(sequence_len=8192), seed=1)
     with torch.no_grad():
         for name in SPECIAL_TOKENS:
             model.lm_head.weight[tok.encode_special(name)] = 0.0
@@ -425,7 +426,7 @@ async def test_full_queue_is_429_with_retry_after(base_sched: Scheduler) -> None
     loop = asyncio.get_running_loop()
     tok = tiny_tokenizer()
     long = GenerationRequest(
-        [tok.get_bos_token_id(), 70, 71], SamplingParams(temperature=0, max_tokens=1000), n=2
+        [tok.get_bos_token_id(), 70, 71], SamplingParams(temperature=0, max_tokens=None), n=2
     )
     a = base_sched.submit(long, loop)  # takes both rows ...
     try:
@@ -446,8 +447,8 @@ async def test_full_queue_is_429_with_retry_after(base_sched: Scheduler) -> None
 async def test_a_failure_inside_a_stream_is_one_error_event(tmp_path: Path) -> None:
     sched = Scheduler(long_runner(), tiny_tokenizer(), max_batch=2, max_queue=2)
     sched.start()
-    async with clients(make_app(sched, base=True)) as (_, http):
-        body = {"prompt": "the", "max_tokens": 1000, "temperature": 0}
+    async with clients(make_app(sched, base=True, limits=Limits(max_tokens=8000))) as (_, http):
+        body = {"prompt": "the", "max_tokens": 8000, "temperature": 0}
         streamed = asyncio.ensure_future(http.post("/v1/completions", json={**body, "stream": True}))
         plain = asyncio.ensure_future(http.post("/v1/completions", json=body))
         await _until(lambda: sched.active_rows == 2, "both requests to decode")
@@ -703,8 +704,17 @@ def live(serve_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             serve_home, logs / "chat.log", "--stage", "sft", "--api-key", KEY, "--max-batch", "4"
         ),
         "base": LiveServer(
-            serve_home, logs / "base.log", "--stage", "base", "--max-batch", "1", "--max-queue", "1"
-        ),
+            serve_home,
+            logs / "base.log",
+            "--stage",
+            "base",
+            "--max-batch",
+            "1",
+            "--max-queue",
+            "1",
+            "--max-tokens-limit",
+            "8192",
+        ),  # fmt: skip
     }
     try:
         for s in servers.values():
@@ -763,7 +773,7 @@ def test_live_base_server_completions_429_disconnects_and_sigterm_drain(live: di
     assert r.choices[0].finish_reason == "length" and r.usage is not None and r.usage.completion_tokens == 5
     with pytest.raises(openai.BadRequestError):
         sdk.chat.completions.create(model=BASE_LABEL, messages=HI)
-    body = {"prompt": "the", "max_tokens": 1000, "temperature": 0, "stream": True}
+    body = {"prompt": "the", "max_tokens": 8000, "temperature": 0, "stream": True}
     with httpx.Client(base_url=s.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as a:  # holds the only row
             lines = a.iter_lines()
@@ -784,12 +794,12 @@ def test_live_base_server_completions_429_disconnects_and_sigterm_drain(live: di
         _wait(idle, "the rows of the disconnected clients to be freed", timeout=10)
         freed_s = time.monotonic() - t0
         generated = _metric(_live_metrics(s.url), "nanoctl_generated_tokens", "_total")
-        assert generated < 5 + 1000, "the abandoned stream ran to its end"
+        assert generated < 5 + 8000, "the abandoned stream ran to its end"
         # a non-streaming client that gives up is cancelled too
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(30, read=0.5))
         _wait(idle, "the row of the timed-out client to be freed", timeout=10)
-        assert _metric(_live_metrics(s.url), "nanoctl_generated_tokens", "_total") < generated + 1000
+        assert _metric(_live_metrics(s.url), "nanoctl_generated_tokens", "_total") < generated + 8000
     assert freed_s < 10
     r = sdk.completions.create(model=BASE_LABEL, prompt="the quick", max_tokens=5, temperature=0)
     assert r.usage is not None and r.usage.completion_tokens == 5  # the freed row serves again
@@ -798,8 +808,15 @@ def test_live_base_server_completions_429_disconnects_and_sigterm_drain(live: di
 
 def _sigterm_drains(s: LiveServer) -> None:
     """SIGTERM with a stream in flight: new requests get 503, the stream runs to its end, exit 0."""
-    # 300 tokens: long enough to outlast the /health + 503 probes below, short enough for a slow box
-    body = {"prompt": "the", "max_tokens": 300, "temperature": 0, "stream": True,
+    # A stream of about 2 s at this machine's decode speed: long enough to outlast the /health and
+    # 503 probes below, short enough that a slow, busy box does not wait long for its end.
+    t0 = time.monotonic()
+    probe = httpx.post(s.url + "/v1/completions", json={"prompt": "the", "max_tokens": 100, "temperature": 0},
+                       timeout=60)  # fmt: skip
+    assert probe.status_code == 200
+    per_s = 100 / (time.monotonic() - t0)
+    tokens = int(min(8000, max(50, 2.0 * per_s)))
+    body = {"prompt": "the", "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     with (
         httpx.Client(base_url=s.url, timeout=60) as http,
@@ -816,7 +833,7 @@ def _sigterm_drains(s: LiveServer) -> None:
         rest = [first, *(line for line in lines if line.startswith("data: "))]
     assert rest[-1] == "data: [DONE]", rest[-3:]
     events = [json.loads(line[len("data: ") :]) for line in rest[:-1]]
-    assert events[-1]["usage"]["completion_tokens"] == 300  # the stream in flight ran to its end
+    assert events[-1]["usage"]["completion_tokens"] == tokens  # the stream in flight ran to its end
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert s.proc.wait(timeout=30) == 0, s.log()
     log = s.log()
@@ -832,10 +849,13 @@ def _wait(check: Any, what: str, timeout: float = 20.0) -> None:
 
 @pytest.mark.slow
 def test_live_drain_timeout_ends_long_streams_with_an_error_event(serve_home: Path, tmp_path: Path) -> None:
-    s = LiveServer(serve_home, tmp_path / "serve.log", "--stage", "base", "--shutdown-timeout", "0.3")
+    s = LiveServer(
+        serve_home, tmp_path / "serve.log", "--stage", "base", "--shutdown-timeout", "0.3", "--max-batch", "1",
+        "--max-tokens-limit", "8192",
+    )  # fmt: skip
     try:
         s.wait_ready()
-        body = {"prompt": "the", "max_tokens": 1000, "temperature": 0, "stream": True}
+        body = {"prompt": "the", "max_tokens": 8000, "temperature": 0, "stream": True}
         with (
             httpx.Client(base_url=s.url, timeout=60) as http,
             http.stream("POST", "/v1/completions", json=body) as a,
