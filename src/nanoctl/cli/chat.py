@@ -1,4 +1,5 @@
-"""`nanoctl chat`: talk to a checkpoint in a terminal UI, a plain REPL, or one shot (-p / stdin / --json)."""
+"""`nanoctl chat`: talk to a checkpoint in a terminal UI, a plain REPL, or one shot (-p / stdin / --json);
+with `--url`, to an OpenAI-compatible server instead (`nanoctl serve`, vLLM, llama.cpp, ...)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from nanoctl.errors import NanoctlError, UsageError
 
 _SAMPLING = SamplingParams()  # the one set of sampling defaults (nanochat's chat ones)
 _TOP_P = 1.0 if _SAMPLING.top_p is None else _SAMPLING.top_p  # off (None) is spelled 1 on the command line
+_LOCAL_ONLY = ("stage", "tag", "step", "checkpoint", "device", "dtype")  # options that pick a local model
 
 
 def _stdin_is_tty() -> bool:
@@ -91,16 +93,35 @@ def chat(
     system: Annotated[
         str | None, typer.Option("--system", help="System prompt (merged into the first user message).")
     ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Talk to the OpenAI-compatible server at this address (e.g. http://gpu-box:8000) instead "
+            "of a local checkpoint.",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="NANOCTL_API_KEY",
+            show_envvar=True,
+            help="Bearer key the --url server asks for.",
+        ),
+    ] = None,
 ) -> None:
     """Chat with a trained model: full-screen UI in a terminal, one-shot with -p or piped stdin.
 
-    Base checkpoints run in completion mode (plain text continuation, no chat template).
+    Base checkpoints run in completion mode (plain text continuation, no chat template). With --url the same UI, -p and --json talk to a server (`nanoctl serve`, or any OpenAI-compatible one).
 
     UI keys: Enter send, Ctrl+J newline, Esc stop, Ctrl+N new chat, Ctrl+R regenerate, Ctrl+T edit last, Ctrl+O pick a checkpoint, F1 help. Slash commands (UI and --plain): /temp /topk /topp /max /rep /system /seed /new /regen /edit /help.
 
-    Example: [cyan]nanoctl chat -p "Why is the sky blue?" --temperature 0[/]
+    Example: [cyan]nanoctl chat -p "Why is the sky blue?" --temperature 0[/]  ·  [cyan]nanoctl chat --url http://gpu-box:8000[/]
     """
     from nanoctl.chat import ChatOptions
+
+    _check_remote_flags(ctx, url)
 
     settings = SamplingParams(  # validates: usage errors before the (slow) model load
         temperature=temperature,
@@ -142,6 +163,10 @@ def chat(
         size = shutil.get_terminal_size()
         check_terminal(size.columns, size.lines)
 
+    if url is not None:
+        _remote(url, api_key, prompt, plain, opts, json_output)
+        return
+
     from nanoctl.chat import load_chat_model
 
     home = home_of(ctx)
@@ -168,6 +193,45 @@ def chat(
         run_tui(loaded, opts.sampling, opts.system, home=home, loader=loader)
 
 
+def _check_remote_flags(ctx: typer.Context, url: str | None) -> None:
+    """--url talks to a server that picks its own model: the local model options do not apply."""
+
+    def source(name: str) -> str:  # by name: typer may carry its own copy of click's ParameterSource
+        found = ctx.get_parameter_source(name)
+        return found.name if found is not None else "DEFAULT"
+
+    if url is not None:
+        local = [f"--{name}" for name in _LOCAL_ONLY if source(name) in ("COMMANDLINE", "ENVIRONMENT")]
+        if local:
+            raise UsageError(
+                f"--url cannot be combined with {', '.join(local)}",
+                "those pick a local checkpoint; the server at --url serves its own model",
+            )
+    elif source("api_key") == "COMMANDLINE":  # from NANOCTL_API_KEY it is simply unused locally
+        raise UsageError(
+            "--api-key needs --url", "the key is for a server: --url http://HOST:PORT --api-key KEY"
+        )
+
+
+def _remote(
+    url: str, api_key: str | None, prompt: str | None, plain: bool, opts: Any, json_output: bool
+) -> None:
+    """The one-shot, REPL and UI paths over an OpenAI-compatible server."""
+    from nanoctl.remote import connect, normalize_url
+
+    if sys.stderr.isatty() and not json_output:
+        err.print(f"[dim]connecting to {normalize_url(url)}…[/]", end="\r")
+    with connect(url, api_key) as backend:
+        if prompt is not None:
+            _one_shot(backend, prompt, opts, json_output)
+        elif plain:
+            _repl(backend, opts)
+        else:
+            from nanoctl.tui.app import run_tui
+
+            run_tui(backend, opts.sampling, opts.system)
+
+
 def _one_shot(loaded: Any, prompt: str, opts: Any, json_output: bool) -> None:
     from nanoctl.chat import run_once
 
@@ -192,9 +256,11 @@ def _repl(loaded: Any, opts: Any) -> None:
     from nanoctl.chat import ChatSession, collect, run_command
 
     session = ChatSession(loaded, opts.sampling, opts.system)
+    backend = session.backend
     interactive = _stdin_is_tty()
-    mode = "completion mode" if loaded.completion_mode else "chat mode"
-    print(f"{loaded.label} ({mode}). /help for commands, /quit or Ctrl+D to leave.", file=sys.stderr)
+    mode = "completion mode" if backend.completion_mode else "chat mode"
+    where = f" at {backend.location}" if backend.location else ""
+    print(f"{backend.label}{where} ({mode}). /help for commands, /quit or Ctrl+D to leave.", file=sys.stderr)
 
     def read() -> str | None:
         try:
