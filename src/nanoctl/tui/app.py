@@ -4,12 +4,15 @@
 Layout (fits 80x24): a scrolling message view anchored to the bottom (it stops following while the
 user scrolls up, and follows again once they are back at the bottom), a multi-line input (Enter sends,
 Shift+Enter / Ctrl+J insert a newline), a status bar (model, context used, tokens/s, sampling) and the
-footer with key bindings. Generation runs in a thread worker; tokens reach the UI through
-`call_from_thread` in small batches, so the UI never waits on the model. Esc stops a reply.
+footer with key bindings. Generation runs in a thread worker that only appends text to a buffer; a UI
+timer moves the buffer into the reply ~30 times a second, so the UI never waits on the model and the
+model never waits on the UI, and text that arrives just before a pause (a slow server, a tool call) is
+shown without waiting for the next token. Esc stops a reply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +34,7 @@ from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError
 
 MIN_WIDTH, MIN_HEIGHT = MIN_TERMINAL
-PUSH_INTERVAL_S = 1 / 30  # batch tokens into at most ~30 UI updates per second
+PUSH_INTERVAL_S = 1 / 30  # the streamed text reaches the reply in at most ~30 UI updates per second
 
 
 class PromptInput(TextArea):
@@ -73,9 +76,17 @@ class ChatMessage(Markdown):
         await self._stream.write(fragment)
 
     async def finish(self) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                await stream.stop()
+            except asyncio.CancelledError:
+                # MarkdownStream.stop cancels its task; one cancelled before it ever ran re-raises here
+                # (and never rendered its fragments). Only our own cancellation is passed on.
+                cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+                if cancelling is not None and cancelling():
+                    raise
+                await self.update(self.text)
         self.remove_class("generating")
 
 
@@ -151,6 +162,10 @@ class ChatApp(App[None]):
         self._editing = False
         self._live_tps: float | None = None
         self._after_generation: list[Callable[[], None]] = []
+        self._pending: list[str] = []  # text the worker streamed that the reply does not show yet
+        self._pending_lock = threading.Lock()
+        self._first_delta_at: float | None = None
+        self._push_timer: Any = None
 
     # -- layout --------------------------------------------------------------------------------------------
 
@@ -274,8 +289,26 @@ class ChatApp(App[None]):
         self._generating = True
         self._cancel = threading.Event()
         self._live_tps = None
+        self._first_delta_at = None
+        with self._pending_lock:
+            self._pending.clear()
         self._update_status()
+        self._push_timer = self.set_interval(PUSH_INTERVAL_S, lambda: self._push_pending(reply))
         self._generate(make_stream, self._cancel, reply)
+
+    async def _push_pending(self, reply: ChatMessage) -> None:
+        """Move what the worker streamed into the reply (UI thread; the timer and the end call it)."""
+        with self._pending_lock:
+            text = "".join(self._pending)
+            self._pending.clear()
+        if not text:
+            return
+        await reply.append_text(text)
+        stats, first = self.session.last_stats, self._first_delta_at
+        now = time.monotonic()
+        if self._generating and stats is not None and first is not None and now > first:
+            self._live_tps = stats.completion_tokens / max(now - first, 1e-6)
+        self._update_status()
 
     @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
     def _generate(
@@ -285,26 +318,14 @@ class ChatApp(App[None]):
         reply: ChatMessage,
     ) -> None:
         error: str | None = None
-        buffer: list[str] = []
-        last_push = time.monotonic()
-        first: float | None = None
-        count = 0
         try:
             stream = make_stream(cancel)
             try:
                 for delta in stream:
-                    buffer.append(delta)
-                    count += 1
-                    now = time.monotonic()
-                    first = first or now
-                    if now - last_push >= PUSH_INTERVAL_S:
-                        self.call_from_thread(reply.append_text, "".join(buffer))
-                        buffer.clear()
-                        last_push = now
-                        stats = self.session.last_stats
-                        if stats is not None and now > first:
-                            self._live_tps = stats.completion_tokens / max(now - first, 1e-6)
-                            self.call_from_thread(self._update_status)
+                    if self._first_delta_at is None:
+                        self._first_delta_at = time.monotonic()
+                    with self._pending_lock:
+                        self._pending.append(delta)
                     if cancel.is_set():
                         break
             finally:
@@ -313,11 +334,13 @@ class ChatApp(App[None]):
             error = e.message + (f" ({e.hint})" if e.hint else "")
         except Exception as e:  # the UI must survive a failed generation
             error = f"generation failed: {type(e).__name__}: {e}"
-        if buffer:
-            self.call_from_thread(reply.append_text, "".join(buffer))
         self.call_from_thread(self._generation_done, reply, error)
 
     async def _generation_done(self, reply: ChatMessage, error: str | None) -> None:
+        if self._push_timer is not None:
+            self._push_timer.stop()
+            self._push_timer = None
+        await self._push_pending(reply)
         await reply.finish()
         self._generating = False
         self._live_tps = None
