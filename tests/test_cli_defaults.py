@@ -23,6 +23,7 @@ from nanoctl.evaluate.base import BaseEvalOptions
 from nanoctl.evaluate.chat import ChatEvalOptions
 from nanoctl.options import cli_fields
 from nanoctl.report import ReportOptions
+from nanoctl.serve.server import ServeOptions
 from nanoctl.tok_eval import TokEvalOptions
 from nanoctl.tok_train import TokTrainOptions
 from nanoctl.train.mid import MidOptions
@@ -127,7 +128,10 @@ ROWS: list[tuple[tuple[str, ...], type, dict[str, Field]]] = [
     # the training commands are derived from their options: every CLI field maps onto itself
     *[
         ((name,), cls, same(*(f.name for f in cli_fields(cls))))
-        for name, cls in (("pretrain", PretrainOptions), ("mid", MidOptions), ("sft", SFTOptions), ("rl", RLOptions))
+        for name, cls in (
+            ("pretrain", PretrainOptions), ("mid", MidOptions), ("sft", SFTOptions), ("rl", RLOptions),
+            ("serve", ServeOptions),
+        )
     ],
 ]
 
