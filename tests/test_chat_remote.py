@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from typer.testing import CliRunner
@@ -398,6 +399,34 @@ def test_length_finish_and_a_server_that_does_not_stream(url: str, stand_in: Sta
         stand_in.whole = True
         assert collect(session.send("bye")) == "see you soon"
         assert session.last_stats.completion_tokens == 4
+
+
+def test_a_server_that_never_answers_times_out_in_one_line() -> None:
+    with socket.socket() as listener:  # the kernel accepts the connection; nobody ever reads or answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(NanoctlError) as e:
+            connect(address, timeout=0.5)
+        assert e.value.message == f"{address} sent nothing for 0.5 s; gave up" and time.monotonic() - t0 < 5
+
+
+def test_transport_failures_read_as_one_line() -> None:
+    backend = RemoteBackend("http://gpu-box:8000")
+    try:
+        cases = {
+            httpx.ConnectError("[Errno -2] Name or service not known"): "cannot reach http://gpu-box:8000: "
+            "name or service not known",
+            httpx.ConnectTimeout("timed out"): "cannot reach http://gpu-box:8000: timed out after 10 s",
+            httpx.RemoteProtocolError(
+                "peer closed connection"
+            ): "lost the connection to http://gpu-box:8000: peer closed connection",
+        }
+        for exc, message in cases.items():
+            assert backend._transport_error(exc).message == message
+    finally:
+        backend.close()
 
 
 def test_errors_are_one_line_naming_the_url(url: str, stand_in: StandIn) -> None:

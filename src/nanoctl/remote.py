@@ -12,13 +12,14 @@ timeout), `URL rejected the API key (401)`, the server's OpenAI error message fo
 error event inside the stream. Setting the cancel event shuts the connection down at once, even while
 the server has not sent anything yet, so the server sees the disconnect and frees the slot.
 
-The API key is an argument: the CLI resolves `--api-key` / NANOCTL_API_KEY; nothing here reads the
-environment.
+The API key is an argument: the CLI resolves `--api-key` / NANOCTL_API_KEY; nothing here reads NANOCTL_*
+variables (httpx honours the usual proxy and CA variables, except for a loopback server).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import re
 import socket
@@ -61,6 +62,16 @@ def normalize_url(url: str) -> str:
     if path.endswith("/v1"):
         path = path[: -len("/v1")]
     return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def identity_of(model: str) -> ModelIdentity:
@@ -151,7 +162,7 @@ class RemoteBackend:
             headers=headers,
             timeout=httpx.Timeout(timeout, read=read_timeout),
             follow_redirects=True,
-            trust_env=False,  # a loopback server must not go through a proxy from the environment
+            trust_env=not _is_loopback(self.url),  # proxies/CA settings of the environment, not for loopback
         )
         self._last_usage: int | None = None  # prompt + completion tokens of the last reply (status bar)
 

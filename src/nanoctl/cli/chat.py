@@ -91,7 +91,11 @@ def chat(
         int, typer.Option("--seed", help="Sampling seed (each reply uses seed + its index).")
     ] = _SAMPLING.seed,
     system: Annotated[
-        str | None, typer.Option("--system", help="System prompt (merged into the first user message).")
+        str | None,
+        typer.Option(
+            "--system",
+            help="System prompt (merged into the first user message; with --url, a system message).",
+        ),
     ] = None,
     url: Annotated[
         str | None,
