@@ -178,9 +178,15 @@ RULES = [
     ),
     Rule(
         "eval-chat-report-do-not-import-stages",
-        ("nanoctl.evaluate", "nanoctl.chat", "nanoctl.report"),
+        ("nanoctl.evaluate", "nanoctl.chat", "nanoctl.remote", "nanoctl.report"),
         ("nanoctl.train", "nanoctl.cli", "nanoctl.tui", "nanoctl.pipeline", "nanoctl.serve"),
         why="stages call eval (bpb, CORE, accuracy), never the reverse; chat is below the TUI",
+    ),
+    Rule(
+        "serve-is-an-app-not-a-library",
+        ("nanoctl.train", "nanoctl.evaluate", "nanoctl.chat", "nanoctl.remote", "nanoctl.tui", "nanoctl.pipeline"),
+        ("nanoctl.serve",),
+        why="the chat client talks to any OpenAI server over HTTP and never depends on ours",
     ),
     Rule(
         "only-cli-imports-cli",
