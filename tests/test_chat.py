@@ -320,11 +320,23 @@ def _texts(app_, role: str) -> list[str]:
     return [m.text for m in app_.query(ChatMessage) if m.role == role]
 
 
+async def _until(pilot, check, timeout: float = 20.0) -> None:
+    """Poll the UI until `check()` holds: on a busy machine one pause may not let Textual catch up."""
+    import time as _time
+
+    end = _time.monotonic() + timeout
+    while not check() and _time.monotonic() < end:
+        await pilot.pause(0.05)
+
+
 async def _send(pilot, text: str) -> None:
     await pilot.press(*text)
     await pilot.press("enter")
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
+    # the reply is committed when the worker ends; the UI shows it on its next refresh tick
+    await _until(pilot, lambda: _texts(pilot.app, "assistant") and pilot.app.session.messages
+                 and pilot.app.session.messages[-1].role == "assistant")
 
 
 @pytest.mark.asyncio
@@ -345,7 +357,7 @@ async def test_tui_send_streams_reply_new_chat_clears(loaded) -> None:
         await pilot.pause()
         assert _texts(app_, "assistant") == ["hello there"] and len(app_.session.messages) == 2
         await pilot.press("ctrl+n")
-        await pilot.pause()
+        await _until(pilot, lambda: _texts(app_, "assistant") == [])
         assert _texts(app_, "assistant") == [] and app_.session.messages == []
         await _send(pilot, "what is 2+3?")  # the model was trained on single-turn chats
         assert _texts(app_, "assistant") == ["let me see `2+3` → `5` so 5"]
