@@ -160,7 +160,9 @@ class Scheduler:
         if not req.prompt:
             raise ValueError("empty prompt")
         if len(req.prompt) > self.context_len:
-            raise ValueError(f"a {len(req.prompt)}-token prompt does not fit the {self.context_len}-token context")
+            raise ValueError(
+                f"a {len(req.prompt)}-token prompt does not fit the {self.context_len}-token context"
+            )
         if req.n > self.max_batch:
             raise ValueError(f"n={req.n} is more than the server's {self.max_batch} rows")
         handle = RequestHandle(req, loop)
