@@ -22,6 +22,7 @@ from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.options import OPTIMIZATION, OUTPUT, apply_preset, option
 from nanoctl.tokenizer import RENDER_ALL
 from nanoctl.train.parent import MixtureOptions, PostStage, lineage
+from nanoctl.train.schedules import EVERY
 from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
@@ -36,7 +37,9 @@ class MidOptions(MixtureOptions):
     )
     max_seq_len: int | None = option(None, help="Tokens per row (unset: the model's context).", unit="tokens", panel=OPTIMIZATION)
     init_lr_frac: float = option(1.0, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
-    eval_every: int | None = option(None, help="Val bpb every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
+    eval_every: int | None = option(
+        None, help=f"Val bpb every N steps and at the end ({EVERY.rule}).", unit="steps", panel=OUTPUT
+    )
     eval_tokens: int | None = option(None, help="Val tokens per eval (-1 = 4 micro-batches).", unit="tokens", panel=OUTPUT)
 
 
@@ -138,6 +141,7 @@ def any_rank(flag: bool, device: Any) -> bool:
 
 class Mid(PostStage):
     name = command = "mid"
+    every_flags = {"eval_every": EVERY}
 
     def plan(self) -> Plan:
         o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
@@ -170,7 +174,7 @@ class Mid(PostStage):
             " (conversations concatenated, no padding, no cropping)",
             f"horizon: {horizon}; LR x{o.init_lr_frac}, constant then linear to 0 over the last 20%",
             f"LRs: embedding {o.embedding_lr}, unembedding {o.unembedding_lr}, matrix {o.matrix_lr}, scalar {o.scalar_lr}",
-            f"eval: val bpb every {o.eval_every} steps over {self.eval_steps * per_step:,} tokens",
+            f"eval: val bpb {EVERY.describe(o.eval_every)} over {self.eval_steps * per_step:,} tokens",
             "data:", *self.mixture.summary_lines(),
         ]
         pre_bs = parent_meta.get("device_batch_size")
@@ -234,7 +238,7 @@ class Mid(PostStage):
     def evaluate(self, run: Run, step: int, last: bool) -> dict[str, Any]:
         from nanoctl.evaluate.bpb import evaluate_bpb
 
-        if not (last or (self.o.eval_every > 0 and step % self.o.eval_every == 0)):
+        if not self.due("eval_every", step, last):
             return {}
         info = run.info
         run.model.eval()

@@ -15,6 +15,7 @@ from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.options import HORIZON, MODEL, OPTIMIZATION, OUTPUT, apply_preset, option
+from nanoctl.train.schedules import EVERY, EVERY_AFTER_START, Every
 from nanoctl.train.stage import Plan, Run, Stage, StageOptions, StageResult, StepStats, run_stage
 
 B_REF = 2**19  # reference total batch (tokens) of the d12 reference model
@@ -22,6 +23,7 @@ REF_DEPTH = 12
 BATCH_EXPONENT = 0.383  # "Power Lines" (arXiv 2505.13738): B_opt ∝ D^0.383
 DEFAULT_VOCAB = 32768  # only for --dry-run without a tokenizer
 LR_SCALE_CPU = 0.5  # measured on the embedded sample; see bench/RESULTS.md ("CPU preset learning rate")
+CORE_EVERY = Every(at_start=False, end_only=False)  # -1 = never, as nanochat's --core-metric-every
 
 
 @dataclass
@@ -62,11 +64,15 @@ class PretrainOptions(StageOptions):
     warmup_steps: int | None = option(None, help="LR warmup.", unit="steps", panel=OPTIMIZATION)
     warmdown_ratio: float = option(0.65, help="Fraction of the run spent decaying the LR.", panel=OPTIMIZATION)
     final_lr_frac: float = option(0.05, help="LR at the end as a fraction of the peak.", panel=OPTIMIZATION)
-    eval_every: int | None = option(None, help="Validation bpb every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
+    eval_every: int | None = option(
+        None, help=f"Validation bpb every N steps and at the end ({EVERY.rule}).", unit="steps", panel=OUTPUT
+    )
     eval_tokens: int | None = option(None, help="Validation tokens per eval.", unit="tokens", panel=OUTPUT)
-    sample_every: int | None = option(None, help="Greedy samples every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
+    sample_every: int | None = option(
+        None, help=f"Greedy samples every N steps and at the end ({EVERY_AFTER_START.rule}).", unit="steps", panel=OUTPUT
+    )
     core_metric_every: int | None = option(
-        None, help="CORE metric every N steps and at the end, from a local eval bundle (-1 = never).",
+        None, help=f"CORE metric every N steps and at the end, from a local eval bundle ({CORE_EVERY.rule}).",
         unit="steps", panel=OUTPUT,
     )
     core_metric_max_per_task: int = option(500, help="CORE examples per task during training (-1 = all).", panel=OUTPUT)
@@ -87,7 +93,7 @@ CPU_PRESET = PretrainOptions(
     num_iterations=200,  # ~1 s/step at vocab 32768 on 2 cores: a few minutes
     warmup_steps=10, eval_every=50, eval_tokens=8 * 1024,
     sample_every=-1,  # only at the end
-    core_metric_every=-1,  # CORE takes minutes on a CPU: run `nanoctl eval base` instead
+    core_metric_every=-1,  # never: CORE takes minutes on a CPU, run `nanoctl eval base` instead
     lr_scale=LR_SCALE_CPU,
 )
 PRESETS = {"CUDA": GPU_PRESET, "CPU": CPU_PRESET}
@@ -151,8 +157,8 @@ class PretrainPlan:
 
     def lines(self) -> list[str]:
         p, c = self.params, self.model_config
-        core = (f" CORE every {self.core_metric_every} steps" if self.core_metric_every > 0
-                else " CORE off (run `nanoctl eval base` after training)")
+        core = f" CORE {CORE_EVERY.describe(self.core_metric_every)}"
+        core += " (run `nanoctl eval base` after training)" if core.endswith("never") else ""
         return [
             f"preset: {self.preset} defaults" + (" (no CUDA: tiny config for a CPU run)" if self.preset == "cpu" else ""),
             f"model: depth {self.depth}, width {c['n_embd']}, heads {c['n_head']} (head dim {c['n_embd'] // c['n_head']}),"
@@ -165,9 +171,8 @@ class PretrainPlan:
             f"Muon weight decay (scaled): {self.weight_decay:.5g}",
             f"horizon ({self.horizon_source}): {self.num_iterations:,} iterations, {self.total_tokens:,} tokens,"
             f" tokens:params {self.tokens_per_param:.2f}, total FLOPs {self.total_flops:.3e}",
-            f"schedule: warmup {self.warmup_steps} steps; eval every {self.eval_every} steps"
-            f" ({self.eval_tokens:,} tokens); samples every {self.sample_every if self.sample_every > 0 else 'run end'};"
-            + core,
+            f"schedule: warmup {self.warmup_steps} steps; val bpb {EVERY.describe(self.eval_every)}"
+            f" ({self.eval_tokens:,} tokens); samples {EVERY_AFTER_START.describe(self.sample_every)};" + core,
             *self.notes,
         ]
 
@@ -266,6 +271,7 @@ def greedy_samples(model: Any, tokenizer: Any, max_tokens: int = 16) -> list[str
 
 class Pretrain(Stage):
     name, command = "base", "pretrain"
+    every_flags = {"eval_every": EVERY, "sample_every": EVERY_AFTER_START, "core_metric_every": CORE_EVERY}
 
     def __init__(self, opts: PretrainOptions, home: Any, device: Any, world_size: int) -> None:
         super().__init__(opts, home, device, world_size)
@@ -372,7 +378,7 @@ class Pretrain(Stage):
         from nanoctl.evaluate.bpb import evaluate_bpb
 
         p, out = self.p, {}
-        if p.eval_every > 0 and (last or step % p.eval_every == 0):
+        if self.due("eval_every", step, last):
             B, T, info = p.device_batch_size, p.max_seq_len, run.info
             run.train_model.eval()
             with val_loader(run.tokenizer, self.shards.val_path, B, T, rank=info.rank,
@@ -383,12 +389,12 @@ class Pretrain(Stage):
             self.min_val_bpb = min(self.min_val_bpb, self.val_bpb)
             run.print(f"step {step:05d} | validation bpb: {self.val_bpb:.6f}")
             out["val_bpb"] = self.val_bpb
-        if p.core_metric_every > 0 and (last or (step > 0 and step % p.core_metric_every == 0)):
+        if self.due("core_metric_every", step, last):
             core = self._core(run)
             if core is not None:
                 self.core_metric = out["core_metric"] = core
                 run.print(f"step {step:05d} | CORE metric: {core:.4f}")
-        if run.master and (last or (p.sample_every > 0 and step % p.sample_every == 0 and step > 0)):
+        if run.master and self.due("sample_every", step, last):
             for text in greedy_samples(run.model, run.tokenizer):
                 run.print(f"  sample: {text!r}")
         return out

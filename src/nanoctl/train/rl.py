@@ -19,6 +19,7 @@ from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, apply_preset, option
 from nanoctl.train.parent import PostOptions, PostStage, lineage
+from nanoctl.train.schedules import EVERY_OR_OFF
 from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
@@ -36,9 +37,14 @@ class RLOptions(PostOptions):
     temperature: float = option(1.0, help="Rollout sampling temperature.", panel=OPTIMIZATION)
     top_k: int = option(50, help="Rollout top-k.", panel=OPTIMIZATION)
     init_lr_frac: float = option(0.05, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
-    eval_every: int | None = option(None, help="pass@k every N steps (-1 = never).", unit="steps", panel=OUTPUT)
+    eval_every: int | None = option(
+        None, help=f"pass@k every N steps and at the end ({EVERY_OR_OFF.rule}).", unit="steps", panel=OUTPUT
+    )
     eval_examples: int | None = option(None, help="Held-out questions per pass@k eval.", panel=OUTPUT)
-    save_every: int | None = option(None, help="Checkpoint every N steps (-1 = only at the end).", unit="steps", panel=OUTPUT)
+    save_every: int | None = option(
+        None, help="Checkpoint every N steps; the final checkpoint is always saved (-1 or 0 = only at the end).",
+        unit="steps", panel=OUTPUT,
+    )
     train_task: Any = option(None, help="A Task with a reward to train on instead of --task.", cli=False)
     val_task: Any = option(None, help="A Task to evaluate pass@k on.", cli=False)
 
@@ -125,6 +131,7 @@ class RL(PostStage):
     compile_dynamic = None  # rollouts and variable-length passes: never compiled
     reports_mfu = False
     nan_hint = "check the task's reward function"
+    every_flags = {"eval_every": EVERY_OR_OFF}
 
     def plan(self) -> Plan:
         o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
@@ -157,7 +164,7 @@ class RL(PostStage):
             f"rollouts: {eps} questions/step x {ns} samples = {eps * ns} sequences/step, generated {B} at a time"
             f" (T={o.temperature}, top-k {o.top_k}, <= {o.max_new_tokens} new tokens)",
             f"horizon ({horizon}): {iters:,} steps; LR x{o.init_lr_frac} decaying linearly to 0",
-            f"eval: pass@1..{B} on {o.eval_examples} held-out questions every {o.eval_every} steps",
+            f"eval: pass@1..{B} on {o.eval_examples} held-out questions {EVERY_OR_OFF.describe(o.eval_every)}",
         ]
         resume_keys = {
             "parent": lineage(ref), "task": o.task if o.train_task is None else getattr(o.train_task, "name", "custom"),
@@ -258,7 +265,7 @@ class RL(PostStage):
 
     def evaluate(self, run: Run, step: int, last: bool) -> dict[str, Any]:
         o = self.o
-        if not (o.eval_every > 0 and (last or step % o.eval_every == 0)):
+        if not self.due("eval_every", step, last):
             return {}
         passk = pass_at_k(run.model, self.engine, run.tokenizer, self.val_task, o.eval_examples, o.device_batch_size,
                           o.max_new_tokens, 1.0, o.top_k, run.info)

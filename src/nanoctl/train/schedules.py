@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -49,3 +50,39 @@ def apply_schedules(
                 group["momentum"] = momentum
             if weight_decay is not None:
                 group["weight_decay"] = weight_decay
+
+
+# --- periodic work: the `--*-every N` options of every stage -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Every:
+    """When the work of a `--*-every N` option runs. N > 0: every N steps (step 0 too when `at_start`) and
+    at the end; 0: never; -1: at the end only, or never where `end_only` is False (nanochat's -1 = off,
+    kept where the flag has always meant that: --core-metric-every, rl's --eval-every)."""
+
+    at_start: bool = True
+    end_only: bool = True  # what -1 means: at the end only (True) or never (False)
+
+    @property
+    def rule(self) -> str:
+        """The sentinel values, for the option's help."""
+        return "-1 = at the end only, 0 = never" if self.end_only else "-1 or 0 = never"
+
+    def due(self, every: int | None, step: int, last: bool) -> bool:
+        if not every:  # 0 (or unset): never
+            return False
+        if every < 0:  # -1
+            return last and self.end_only
+        return last or (step % every == 0 and (self.at_start or step > 0))
+
+    def describe(self, every: int | None) -> str:
+        """'every 50 steps and at the end' / 'at the end only' / 'never', for the plan lines."""
+        if not every or (every < 0 and not self.end_only):
+            return "never"
+        return "at the end only" if every < 0 else f"every {every} steps and at the end"
+
+
+EVERY = Every()  # -1 = at the end only
+EVERY_AFTER_START = Every(at_start=False)  # the same, but N > 0 skips step 0 (samples, quick accuracy)
+EVERY_OR_OFF = Every(end_only=False)  # -1 = never (nanochat's)

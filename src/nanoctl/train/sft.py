@@ -21,6 +21,7 @@ from typing import Any
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.options import OPTIMIZATION, OUTPUT, RUNTIME, apply_preset, option
 from nanoctl.train.parent import MixtureOptions, PostStage, lineage
+from nanoctl.train.schedules import EVERY, EVERY_AFTER_START
 from nanoctl.train.stage import Plan, Run, StageResult, StepStats, run_stage
 
 
@@ -34,10 +35,13 @@ class SFTOptions(MixtureOptions):
     target_examples_per_step: int | None = option(None, help="Conversations per optimizer step.", panel=OPTIMIZATION)
     max_seq_len: int | None = option(None, help="Tokens per row (unset: the model's context).", unit="tokens", panel=OPTIMIZATION)
     init_lr_frac: float | None = option(None, help="Starting LR as a fraction of the LRs above.", panel=OPTIMIZATION)
-    eval_every: int | None = option(None, help="Val loss every N steps (-1 = end only).", unit="steps", panel=OUTPUT)
+    eval_every: int | None = option(
+        None, help=f"Val loss every N steps and at the end ({EVERY.rule}).", unit="steps", panel=OUTPUT
+    )
     eval_steps: int | None = option(None, help="Val batches per eval.", panel=OUTPUT)
     eval_metrics_every: int | None = option(
-        None, help="Multiple-choice accuracy every N steps (-1 = end only).", unit="steps", panel=OUTPUT
+        None, help=f"Multiple-choice accuracy every N steps and at the end ({EVERY_AFTER_START.rule}).", unit="steps",
+        panel=OUTPUT,
     )
     eval_metrics_max_problems: int | None = option(None, help="Problems per accuracy task.", panel=OUTPUT)
     metric_tasks: list[str] = option(
@@ -178,6 +182,7 @@ class SFT(PostStage):
     compile_dynamic = True
     reports_mfu = False
     nan_hint = "lower --init-lr-frac or check the data"
+    every_flags = {"eval_every": EVERY, "eval_metrics_every": EVERY_AFTER_START}
 
     def plan(self) -> Plan:
         o = self.o = apply_preset(self.opts, GPU_PRESET if self.device.type == "cuda" else CPU_PRESET)
@@ -213,8 +218,8 @@ class SFT(PostStage):
             f"horizon ({horizon}): {iters:,} steps; LR x{o.init_lr_frac} decaying linearly to 0",
             f"LRs: embedding {o.embedding_lr}, unembedding {o.unembedding_lr}, matrix {o.matrix_lr},"
             f" scalar {o.scalar_lr} (AdamW ones scaled by (width/768)^-0.5)",
-            f"eval: val loss every {o.eval_every} steps ({o.eval_steps} batches); accuracy of"
-            f" {', '.join(o.metric_tasks) or 'no task'} every {o.eval_metrics_every} steps"
+            f"eval: val loss {EVERY.describe(o.eval_every)} ({o.eval_steps} batches); accuracy of"
+            f" {', '.join(o.metric_tasks) or 'no task'} {EVERY_AFTER_START.describe(o.eval_metrics_every)}"
             f" (max {o.eval_metrics_max_problems} problems)",
             "data:", *self.mixture.summary_lines(),
         ]
@@ -265,10 +270,10 @@ class SFT(PostStage):
 
     def evaluate(self, run: Run, step: int, last: bool) -> dict[str, Any]:
         o, out = self.o, {}
-        if last or (o.eval_every > 0 and step % o.eval_every == 0):
+        if self.due("eval_every", step, last):
             self.val_loss = out["val_loss"] = self._val_loss(run)
             run.print(f"step {step:05d} | validation loss: {self.val_loss:.6f}")
-        if self.metric_tasks and (last or (o.eval_metrics_every > 0 and step % o.eval_metrics_every == 0 and step > 0)):
+        if self.metric_tasks and self.due("eval_metrics_every", step, last):
             from nanoctl.evaluate.chat import categorical_accuracy
 
             for name, task in self.metric_tasks.items():

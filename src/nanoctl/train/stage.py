@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from nanoctl.dist import DistInfo
     from nanoctl.home import Home
+    from nanoctl.train.schedules import Every
 
 
 @dataclass
@@ -39,7 +40,8 @@ class StageOptions:
     """Options every training stage has."""
 
     save_every: int | None = option(
-        -1, help="Checkpoint every N steps (-1 = only at the end).", unit="steps", panel=OUTPUT
+        -1, help="Checkpoint every N steps; the final checkpoint is always saved (-1 or 0 = only at the end).",
+        unit="steps", panel=OUTPUT,
     )
     keep_last: int = option(0, help="Keep only the newest K checkpoints (0 = keep all).", panel=OUTPUT)
     wandb_run: str | None = option(
@@ -148,6 +150,8 @@ class Stage:
     compile_dynamic: ClassVar[bool | None] = False  # torch.compile(dynamic=...); None: never compiled
     reports_mfu: ClassVar[bool] = True
     nan_hint: ClassVar[str] = "lower the learning rates (--matrix-lr/--embedding-lr) or check the data"
+    # The stage's `--*-every N` options and when each one's work runs (schedules.Every).
+    every_flags: ClassVar[dict[str, Every]] = {}
 
     def __init__(self, opts: Any, home: Home, device: torch.device, world_size: int) -> None:
         self.opts, self.home, self.device, self.world_size = opts, home, device, world_size
@@ -156,6 +160,22 @@ class Stage:
     @classmethod
     def prepare_home(cls, home: Home) -> None:
         """Run once per launch before any process starts (post-training unpacks starter task data)."""
+
+    def due(self, flag: str, step: int, last: bool) -> bool:
+        """Whether the periodic work of option `flag` (one of `every_flags`) runs at `step`."""
+        return self.every_flags[flag].due(getattr(self.o, flag), step, last)
+
+    def check_every(self) -> None:
+        """Every `--*-every` value (and --save-every) is N > 0, -1 or 0: anything else is a UsageError."""
+        from nanoctl.options import flag_name
+
+        by_name = {f.name: f for f in fields(self.o)}
+        for name in ("save_every", *self.every_flags):
+            value = getattr(self.o, name)
+            if value is not None and value < -1:
+                rule = self.every_flags[name].rule if name in self.every_flags else "-1 or 0 = only at the end"
+                raise UsageError(f"{flag_name(by_name[name])} {value}: expected N > 0 steps, -1 or 0",
+                                 f"N > 0 = every N steps and at the end, {rule}")
 
     # --- hooks -------------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -246,6 +266,7 @@ def run_stage(stage_cls: type[Stage], opts: Any, home: Any = None) -> StageResul
 
         stage = stage_cls(opts, home, resolve_device(opts.device), opts.nproc_per_node * opts.nnodes)
         plan = stage.plan()
+        stage.check_every()
         if opts.nproc_per_node > 1 or opts.nnodes > 1:
             plan.details["torchrun_command"] = _launch_command(stage_cls, opts)
             plan.lines.append("launch: " + plan.details["torchrun_command"])
@@ -456,6 +477,7 @@ def _train(stage_cls: type[Stage], opts: Any, home: Home, info: DistInfo, wall0:
     dtype, reason = compute_dtype_with_reason(info.device, opts.dtype)
     stage = stage_cls(opts, home, info.device, info.world_size)
     plan = stage.plan()
+    stage.check_every()
     say(f"nanoctl {stage.command}: {plan.tag} on {device_name(info.device)} ({info.device.type},"
         f" {info.world_size} process(es))", info.is_master)
     say(f"compute dtype: {str(dtype).removeprefix('torch.')} ({reason})"
