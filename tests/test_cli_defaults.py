@@ -81,24 +81,7 @@ ROWS: list[tuple[tuple[str, ...], type, dict[str, Field]]] = [
     (
         ("eval", "base"),
         BaseEvalOptions,
-        {
-            **same(
-                "max_per_task",
-                "bundle",
-                "device_batch_size",
-                "split_tokens",
-                "stage",
-                "tag",
-                "step",
-                "checkpoint",
-                "device",
-                "dtype",
-            ),
-            "evals": ("evals", lambda v: tuple(v.split(","))),
-            "core_task": "core_tasks",
-            "no_download": ("download", operator.not_),
-            "no_progress": ("progress", operator.not_),
-        },
+        same(*(f.name for f in cli_fields(BaseEvalOptions))),  # derived from its options, as the stages
     ),
     (
         ("eval", "chat"),

@@ -120,15 +120,12 @@ def run_pipeline(
             evals: tuple[str, ...] = ("core", "bpb", "sample")
         except NanoctlError:
             evals = ("bpb", "sample")
-        small = device_type != "cuda"
+        # the CORE cap, bpb budget and batch come from eval base's device presets (CPU: minutes)
         r = eval_base(
             BaseEvalOptions(
-                evals=evals,
+                evals=list(evals),
                 device=opts.device,
-                max_per_task=16 if small else -1,
-                device_batch_size=4 if small else 32,
-                split_tokens=16384 if small else 40 * 524288,
-                unconditioned_samples=2 if small else 8,
+                unconditioned_samples=2 if device_type != "cuda" else 8,
                 progress=False,
             ),
             home=home,

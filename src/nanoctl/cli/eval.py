@@ -1,4 +1,8 @@
-"""`nanoctl eval base` (CORE + bpb + samples) and `nanoctl eval chat` (ARC/MMLU/GSM8K/HumanEval/...)."""
+"""`nanoctl eval base` (CORE + bpb + samples) and `nanoctl eval chat` (ARC/MMLU/GSM8K/HumanEval/...).
+
+`eval base` is derived from BaseEvalOptions (nanoctl.evaluate.base) like the training commands: every flag,
+default, unit and preset value comes from the dataclass.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,12 @@ from nanoctl.cli.common import (
     home_of,
     out,
 )
+from nanoctl.cli.options import options_command
+from nanoctl.evaluate.base import PRESETS as BASE_PRESETS
 from nanoctl.evaluate.base import BaseEvalOptions
 from nanoctl.evaluate.chat import ChatEvalOptions
 
-_base = partial(field_default, BaseEvalOptions)  # CLI defaults are the library's
-_chat = partial(field_default, ChatEvalOptions)
-_BASE_EVALS = ",".join(_base("evals"))  # --eval takes the list comma-separated
+_chat = partial(field_default, ChatEvalOptions)  # CLI defaults are the library's
 
 eval_app = App(
     help="Evaluate checkpoints: CORE and bits-per-byte for base models, task accuracy for chat models.",
@@ -81,70 +85,25 @@ def _emit(result: Any, json_output: bool) -> None:
         out.print_json(json.dumps(result.to_dict(), default=str))
 
 
-@eval_app.command("base")
-def eval_base_cmd(
-    ctx: typer.Context,
-    evals: Annotated[str, typer.Option("--eval", help="Comma-separated: core, bpb, sample.")] = _BASE_EVALS,
-    max_per_task: Annotated[int, typer.Option(help="CORE examples per task (-1 = all).")] = _base(
-        "max_per_task"
-    ),
-    core_task: Annotated[
-        list[str] | None,
-        typer.Option("--core-task", help="Only this CORE task label (repeatable).", show_default=False),
-    ] = _base("core_tasks"),
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            help="CORE eval bundle directory (default: <home>/eval/bundle, downloaded once).",
-            show_default=False,
-        ),
-    ] = _base("bundle"),
-    no_download: Annotated[
-        bool, typer.Option("--no-download", help="Fail instead of downloading the CORE bundle.")
-    ] = not _base("download"),
-    device_batch_size: Annotated[
-        int, typer.Option(help="Rows per forward (bpb batch rows; CORE rows per batch).")
-    ] = _base("device_batch_size"),
-    split_tokens: Annotated[
-        int, typer.Option(help="Tokens per split for bpb (rounded down to whole batches).")
-    ] = _base("split_tokens"),
-    stage: Stage = _base("stage"),
-    tag: Tag = _base("tag"),
-    step: Step = _base("step"),
-    checkpoint: Checkpoint = _base("checkpoint"),
-    device: DeviceOption = _base("device"),
-    dtype: DtypeOption = _base("dtype"),
-    no_progress: NoProgress = not _base("progress"),
-    json_output: JsonOption = False,
-) -> None:
-    """CORE metric, train/val bits per byte and samples for a base checkpoint (writes reports/<tag>/eval_base_*).
+def _run_base(ctx: typer.Context, opts: BaseEvalOptions, json_output: bool) -> None:
+    import os
+    import sys
+    from dataclasses import replace
 
-    Example: [cyan]nanoctl eval base --max-per-task 100 --split-tokens 1000000[/]
-    """
+    if "torch" not in sys.modules:
+        # OpenMP threads that spin while waiting fight other processes for a busy machine's cores. On the
+        # project's 2-core box at load 3, a d4 eval took 206 s with spinning and 55 s with passive waits;
+        # the eval's ops run for milliseconds, so waking a sleeping thread costs little. Read when torch
+        # loads; an explicit OMP_WAIT_POLICY wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nanoctl.evaluate.base import eval_base
 
-    result = eval_base(
-        BaseEvalOptions(
-            stage=stage,
-            tag=tag,
-            step=step,
-            checkpoint=str(checkpoint) if checkpoint else None,
-            evals=[e.strip() for e in evals.split(",") if e.strip()],
-            max_per_task=max_per_task,
-            core_tasks=core_task or None,
-            bundle=str(bundle) if bundle else None,
-            download=not no_download,
-            device_batch_size=device_batch_size,
-            split_tokens=split_tokens,
-            device=device,
-            dtype=dtype,
-            progress=not no_progress and not json_output,
-        ),
-        home=home_of(ctx),
-    )
+    result = eval_base(replace(opts, progress=opts.progress and not json_output), home=home_of(ctx))
     if json_output:
         _emit(result, True)
         return
+    if result.dry_run:
+        return  # the plan and the estimate went to stderr
     head = f"{result.stage}/{result.tag} step {result.step}"
     if result.core is not None and result.core.get("core") is not None:
         core = result.core
@@ -155,6 +114,16 @@ def eval_base_cmd(
         out.print(f"  {s!r}", soft_wrap=True, markup=False)
     if result.markdown_path:
         out.print(f"wrote {result.markdown_path}", soft_wrap=True)
+
+
+_BASE_DOC = """CORE metric, train/val bits per byte and samples for a base checkpoint (writes reports/<tag>/eval_base_*).
+
+    Without CUDA the budget is sized to finish in minutes (CPU preset); --dry-run prints what will be
+    evaluated and a time estimate measured on a few batches of the model.
+
+    Example: [cyan]nanoctl eval base --dry-run[/]  ·  [cyan]nanoctl eval base --max-per-task 100 --split-tokens 1000000[/]
+    """
+eval_app.command("base")(options_command(BaseEvalOptions, _run_base, BASE_PRESETS, _BASE_DOC))
 
 
 @eval_app.command("chat")

@@ -175,6 +175,25 @@ def resolve_bundle(
     return download_bundle(dest, progress)
 
 
+def select_tasks(bundle_dir: str | Path, labels: Sequence[str] | None = None) -> list[CoreTask]:
+    """The bundle's tasks, or only those labelled `labels` (an unknown label is a UsageError)."""
+    all_tasks = load_bundle(bundle_dir)
+    if not labels:
+        return all_tasks
+    known = {t.label for t in all_tasks}
+    unknown = [t for t in labels if t not in known]
+    if unknown:
+        raise UsageError(f"unknown CORE task(s) {', '.join(unknown)}", f"valid: {', '.join(sorted(known))}")
+    return [t for t in all_tasks if t.label in set(labels)]
+
+
+def count_examples(task: CoreTask, max_per_task: int = -1) -> int:
+    """How many items of `task` an eval with `max_per_task` scores (lines counted, nothing parsed)."""
+    with open(task.path, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return min(n, max_per_task) if max_per_task > 0 else n
+
+
 def load_task_data(task: CoreTask, max_per_task: int = -1) -> list[dict[str, Any]]:
     """The task's items, shuffled with Random(1337) (as nanochat) and cut to max_per_task when > 0."""
     try:
@@ -656,15 +675,7 @@ def evaluate_core(
     result says how many). `tasks` restricts to the given labels (unknown labels are a UsageError).
     """
     device = torch.device(device)
-    all_tasks = load_bundle(bundle_dir)
-    if tasks:
-        known = {t.label for t in all_tasks}
-        unknown = [t for t in tasks if t not in known]
-        if unknown:
-            raise UsageError(
-                f"unknown CORE task(s) {', '.join(unknown)}", f"valid: {', '.join(sorted(known))}"
-            )
-        all_tasks = [t for t in all_tasks if t.label in set(tasks)]
+    all_tasks = select_tasks(bundle_dir, tasks)
     if batch_tokens is None:
         batch_tokens = CPU_BATCH_TOKENS if device.type == "cpu" else DEFAULT_BATCH_TOKENS
     t0 = time.perf_counter()
