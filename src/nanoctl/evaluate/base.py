@@ -159,6 +159,12 @@ class BaseEvalPlan:
                 f"CORE: {len(self.core_tasks)} of {self.core_total_tasks} tasks x {cap} = {n:,} examples"
                 f" from {self.bundle}{missing}"
             )
+            fewer = sorted({(t["shots"], t["shots_used"]) for t in self.core_tasks if t["shots_used"] < t["shots"]})
+            if fewer:
+                lines.append(
+                    "  few-shot: " + ", ".join(f"{a}-shot tasks get {b} shots" for a, b in fewer)
+                    + " (shots come from the capped items; --max-per-task 11 or more gives every shot)"
+                )
         if "bpb" in self.evals:
             tokens = ", ".join(f"{k} {v:,}" for k, v in self.split_tokens.items())
             lines.append(f"bpb: {tokens} tokens ({self.bpb_batches} batch(es) of {self.batch} per split)")
@@ -201,7 +207,10 @@ def plan_eval(
         total_tasks = len(tasks)
         for t in tasks:
             if t.present:
-                core_tasks.append({"label": t.label, "examples": count_examples(t, opts.max_per_task)})  # type: ignore[arg-type]
+                n = count_examples(t, opts.max_per_task)  # type: ignore[arg-type]
+                # the shots are drawn from the (capped) items themselves, as nanochat: at most n - 1
+                core_tasks.append({"label": t.label, "examples": n, "shots": t.num_fewshot,
+                                   "shots_used": min(t.num_fewshot, n - 1)})
             else:
                 missing.append(t.label)
     batches = max(1, opts.split_tokens // (B * T * world))  # type: ignore[operator]
