@@ -15,6 +15,7 @@ from typing import Any
 
 from nanoctl.errors import UsageError
 from nanoctl.home import Home
+from nanoctl.tasks.identity import DEFAULT_CREATOR, DEFAULT_NAME
 
 PIPELINE_STAGES = ("tok", "pretrain", "mid", "sft", "eval", "report", "chat")
 DEMO_PROMPT = "Who are you?"
@@ -28,6 +29,8 @@ class RunOptions:
     device: str = "auto"
     force: bool = False
     prompt: str = DEMO_PROMPT
+    identity_name: str = DEFAULT_NAME  # mid and sft teach the model this name ...
+    identity_creator: str = DEFAULT_CREATOR  # ... and this creator (tasks/identity.py)
 
 
 @dataclass
@@ -71,6 +74,7 @@ def run_pipeline(
     outcomes: list[StageOutcome] = []
     result = RunResult(outcomes=outcomes, seconds=0.0)
     home = Home.resolve(home)
+    identity = {"identity_name": opts.identity_name, "identity_creator": opts.identity_creator}
 
     def stage(name: str, fn: Callable[[], str]) -> None:
         if name not in opts.stages:
@@ -101,13 +105,13 @@ def run_pipeline(
         from nanoctl.train.mid import MidOptions
         from nanoctl.train.mid import mid as run
 
-        return _describe(run(MidOptions(device=opts.device, force=opts.force), home))
+        return _describe(run(MidOptions(device=opts.device, force=opts.force, **identity), home))
 
     def sft() -> str:
         from nanoctl.train.sft import SFTOptions
         from nanoctl.train.sft import sft as run
 
-        return _describe(run(SFTOptions(device=opts.device, force=opts.force), home))
+        return _describe(run(SFTOptions(device=opts.device, force=opts.force, **identity), home))
 
     def evaluate() -> str:
         from nanoctl.errors import NanoctlError

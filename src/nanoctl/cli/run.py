@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 import typer
 
-from nanoctl.cli.common import JsonOption, err, home_of, out
+from nanoctl.cli.common import JsonOption, err, field_default, home_of, out
+from nanoctl.pipeline import RunOptions
+
+_run = partial(field_default, RunOptions)  # CLI defaults are the library's
 
 
 def run_command(
@@ -32,7 +36,13 @@ def run_command(
         typer.Option(help="Model depth (default: the pretrain device default).", show_default=False),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps.")] = "auto",
-    prompt: Annotated[str, typer.Option(help="What to ask the finished model.")] = "Who are you?",
+    prompt: Annotated[str, typer.Option(help="What to ask the finished model.")] = _run("prompt"),
+    identity_name: Annotated[
+        str, typer.Option(help="The model's name: mid and sft teach it that it is NAME.")
+    ] = _run("identity_name"),
+    identity_creator: Annotated[
+        str, typer.Option(help="Who made it, as the identity conversations say.")
+    ] = _run("identity_creator"),
     force: Annotated[bool, typer.Option("--force", help="Redo stages whose output already exists.")] = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -42,7 +52,7 @@ def run_command(
     it again continues where it stopped. With no shards it trains on the embedded public-domain sample;
     on a laptop CPU the whole thing takes a few minutes.
 
-    Example: [cyan]nanoctl run[/]  ·  [cyan]nanoctl run -s eval -s chat --prompt "Hi!"[/]
+    Example: [cyan]nanoctl run[/]  ·  [cyan]nanoctl run --identity-name Ava[/]  ·  [cyan]nanoctl run -s eval -s chat --prompt "Hi!"[/]
     """
     import json
 
@@ -55,6 +65,8 @@ def run_command(
         device=device,
         force=force,
         prompt=prompt,
+        identity_name=identity_name,
+        identity_creator=identity_creator,
     )
     result = run_pipeline(opts, say=lambda line: err.print(line, soft_wrap=True), home=home_of(ctx))
     if json_output:

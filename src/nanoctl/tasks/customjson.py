@@ -10,6 +10,7 @@ from nanoctl.conversations import load_conversations
 from nanoctl.errors import NanoctlError
 from nanoctl.home import Home
 from nanoctl.tasks.common import Conversation, Task, find_local
+from nanoctl.tasks.identity import Persona
 
 IDENTITY_CANDIDATES = ("identity/identity_conversations.jsonl", "identity_conversations.jsonl")
 
@@ -46,13 +47,19 @@ def Identity(
     *,
     data_dir: str | os.PathLike[str] | None = None,
     home: Home | None = None,
+    persona: Persona | None = None,
     **kwargs: Any,
 ) -> CustomJSON:
-    """nanochat's identity conversations (about 1K synthetic chats teaching the model who it is)."""
+    """nanochat's identity conversations (about 1K synthetic chats teaching the model who it is), saying
+    `persona`'s name and creator instead of nanochat's when one is given (tasks/identity.py)."""
     path = identity_path(data_dir, home)
     if path is None:
         raise NanoctlError(
             "identity conversations not found (identity_conversations.jsonl)",
             "pass --data-dir DIR holding identity/identity_conversations.jsonl, or copy it under <home>/data/tasks/",
         )
-    return CustomJSON(path, name="identity", **kwargs)
+    task = CustomJSON(path, name="identity", **kwargs)
+    if persona is not None and not persona.is_default:
+        task.conversations = [persona.rewrite_conversation(c) for c in task.conversations]
+        task.source = f"{path}, as {persona.label()}"
+    return task

@@ -17,6 +17,7 @@ from typing import Any
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.home import Home
 from nanoctl.tasks.common import Task, TaskMixture, TaskSlice
+from nanoctl.tasks.identity import Persona
 
 PathLike = str | os.PathLike[str]
 
@@ -86,7 +87,7 @@ Builder = Callable[[], Task]
 
 
 def _sources(
-    stage: str, split: str, data_dir: PathLike | None, home: Home | None
+    stage: str, split: str, data_dir: PathLike | None, home: Home | None, persona: Persona | None = None
 ) -> list[tuple[str, Builder, int]]:
     """(name, builder, repeat) per source of nanochat's OLD mixtures."""
     from nanoctl.tasks.arc import ARC
@@ -106,7 +107,7 @@ def _sources(
                 1,
             ),  # 100K MC (ARC, RACE, ...)
             ("GSM8K", lambda: GSM8K("main", "train", **kw), 1),  # 8K math with calculator calls
-            ("identity", lambda: Identity(**kw), 2),  # 2 epochs of ~1K identity chats
+            ("identity", lambda: Identity(persona=persona, **kw), 2),  # 2 epochs of ~1K identity chats
             ("SimpleSpelling", lambda: SimpleSpelling(200_000, "train", **kw), 1),
             ("SpellingBee", lambda: SpellingBee(80_000, "train", **kw), 1),
         ]
@@ -122,7 +123,7 @@ def _sources(
             ("ARC-Challenge", lambda: ARC("ARC-Challenge", "train", **kw), 1),
             ("GSM8K", lambda: GSM8K("main", "train", **kw), 1),
             ("SmolTalk[:10000]", lambda: SmolTalk("train", stop=10_000, **kw), 1),
-            ("identity", lambda: Identity(**kw), 1),
+            ("identity", lambda: Identity(persona=persona, **kw), 1),
             ("SimpleSpelling", lambda: SimpleSpelling(300, "train", **kw), 1),
             ("SpellingBee", lambda: SpellingBee(300, "train", **kw), 1),
         ]
@@ -154,12 +155,14 @@ def build_mixture(
     data: Sequence[PathLike] = (),
     mix: bool = False,
     val_holdout: int | None = None,
+    persona: Persona | None = None,
 ) -> Mixture:
     """Train/val mixture for `stage` ("mid" | "sft").
 
     `data`: custom conversation JSONL files; alone they are the whole training set, with `mix=True` they
     join the stage's mixture. When no val source is available, the last `val_holdout` (default: 1%,
-    1..500) conversations of the shuffled train mixture are held out as val.
+    1..500) conversations of the shuffled train mixture are held out as val. `persona` renames the model
+    and its creator in the identity conversations (tasks/identity.py).
     """
     from nanoctl.tasks.customjson import CustomJSON
 
@@ -168,7 +171,7 @@ def build_mixture(
     val_tasks: list[Task] = []
     val_status: list[SourceStatus] = []
     if not data or mix:
-        train_tasks, train_status = _collect(_sources(stage, "train", data_dir, home))
+        train_tasks, train_status = _collect(_sources(stage, "train", data_dir, home, persona))
         val_tasks, val_status = _collect(_sources(stage, "val", data_dir, home))
     for path in data:
         task = CustomJSON(path, name=Path(path).name)

@@ -175,7 +175,7 @@ class Mid(PostStage):
             f"horizon: {horizon}; LR x{o.init_lr_frac}, constant then linear to 0 over the last 20%",
             f"LRs: embedding {o.embedding_lr}, unembedding {o.unembedding_lr}, matrix {o.matrix_lr}, scalar {o.scalar_lr}",
             f"eval: val bpb {EVERY.describe(o.eval_every)} over {self.eval_steps * per_step:,} tokens",
-            "data:", *self.mixture.summary_lines(),
+            "data:", *self.mixture.summary_lines(), *self.persona_lines(self.mixture),
         ]
         pre_bs = parent_meta.get("device_batch_size")
         if pre_bs is not None and B > pre_bs:
@@ -184,6 +184,7 @@ class Mid(PostStage):
             "parent": lineage(ref), "--max-seq-len": T, "--device-batch-size": B, "--total-batch-size": total,
             "world size": world, "num_iterations": iters, "train conversations": len(self.mixture.train),
             "lrs": [o.embedding_lr, o.unembedding_lr, o.matrix_lr, o.scalar_lr, o.init_lr_frac],
+            **self.persona_keys(),
         }
         meta = {"device_batch_size": B, "max_seq_len": T, "total_batch_size": total}
         return Plan(tag, iters, lines, resume_keys, meta, lineage(ref), T, details={"data": self.mixture.to_dict()})

@@ -13,6 +13,7 @@ from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, START, option
+from nanoctl.tasks.identity import DEFAULT_CREATOR, DEFAULT_NAME
 from nanoctl.train.stage import Run, Stage, StageOptions
 
 # Where each stage starts from, in order of preference, and what to run when there is none.
@@ -60,6 +61,12 @@ class MixtureOptions(PostOptions):
     val_holdout: int | None = option(
         None, help="Hold out this many training conversations as validation when the mixture has no val split.",
         panel=DATA,
+    )
+    identity_name: str = option(
+        DEFAULT_NAME, help="The model's name: the identity conversations teach it that it is NAME.", panel=DATA
+    )
+    identity_creator: str = option(
+        DEFAULT_CREATOR, help="Who made it, in the identity conversations.", panel=DATA
     )
     train_task: Any = option(None, help="A Task to train on instead of the mixture.", cli=False)
     val_task: Any = option(None, help="A Task to validate on.", cli=False)
@@ -123,6 +130,26 @@ class PostStage(Stage):
                              f"use --max-seq-len {ctx} or less")
         return T
 
+    def persona(self) -> Any:
+        """Who the identity conversations say the model is (--identity-name, --identity-creator)."""
+        from nanoctl.tasks.identity import Persona
+
+        return Persona(self.o.identity_name, self.o.identity_creator)
+
+    def persona_keys(self) -> dict[str, Any]:
+        """Resume keys for a renamed model (none for nanochat's own, so older runs still resume)."""
+        p = self.persona()
+        return {} if p.is_default else {"--identity-name": p.name, "--identity-creator": p.creator}
+
+    def persona_lines(self, mixture: Any) -> list[str]:
+        p = self.persona()
+        if p.is_default:
+            return []
+        if any(s.name == "identity" and s.ok for s in mixture.train_sources):
+            return [f"identity: the model is {p.name}, made by {p.creator} (the identity conversations say so)"]
+        return [f"note: --identity-name/--identity-creator rename the model in the identity conversations,"
+                f" which this {self.name} mixture does not hold" + (" (add --mix)" if self.o.data else "")]
+
     def mixture_of_options(self) -> Any:
         """The conversation mixture of mid/sft: library-given Tasks, else the stage's mixture + --data."""
         from nanoctl.tasks.mixtures import Mixture, build_mixture
@@ -132,7 +159,7 @@ class PostStage(Stage):
             val = o.val_task if o.val_task is not None else o.train_task
             return Mixture(o.train_task, val, val_note="library-provided tasks")
         return build_mixture(self.name, data_dir=o.data_dir, home=self.home, data=o.data, mix=o.mix,
-                             val_holdout=o.val_holdout)
+                             val_holdout=o.val_holdout, persona=self.persona())
 
     def load_model(self, run: Run) -> tuple[Any, Any]:
         from nanoctl.checkpoint import load_model

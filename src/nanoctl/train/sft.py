@@ -221,12 +221,13 @@ class SFT(PostStage):
             f"eval: val loss {EVERY.describe(o.eval_every)} ({o.eval_steps} batches); accuracy of"
             f" {', '.join(o.metric_tasks) or 'no task'} {EVERY_AFTER_START.describe(o.eval_metrics_every)}"
             f" (max {o.eval_metrics_max_problems} problems)",
-            "data:", *self.mixture.summary_lines(),
+            "data:", *self.mixture.summary_lines(), *self.persona_lines(self.mixture),
         ]
         resume_keys = {
             "parent": lineage(ref), "--max-seq-len": T, "--device-batch-size": B, "--target-examples-per-step": target,
             "world size": world, "num_iterations": iters, "train conversations": n_train,
             "lrs": [o.embedding_lr, o.unembedding_lr, o.matrix_lr, o.scalar_lr, o.init_lr_frac],
+            **self.persona_keys(),
         }
         meta = {"device_batch_size": B, "max_seq_len": T}
         return Plan(tag, iters, lines, resume_keys, meta, lineage(ref), T, details={"data": self.mixture.to_dict()})
