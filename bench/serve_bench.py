@@ -15,8 +15,8 @@ as subprocesses on loopback, CPU, fp32, each with 2 threads (OMP/MKL):
   batch) measured faster than a 512-token batch budget.
 
 Before timing, the bench checks that both sides run one network: the prompt token ids are equal
-(nanoctl's renderer vs the HF chat template), the logits agree, and, at 1 client, the greedy replies
-of nanoctl and transformers are compared text for text.
+(nanoctl's renderer vs the HF chat template) and the logits agree; at every concurrency the greedy
+replies of nanoctl are compared text for text with its batch-1 self's and transformers'.
 
 Load: N concurrent streaming clients (httpx, `POST /v1/chat/completions`, `stream: true`), each
 sending requests back to back until the phase's request list is used up. Prompts are runs of words
@@ -28,9 +28,10 @@ sent -> first content chunk; inter-token latency = gaps between content chunks; 
 wall time of the phase. The servers take turns at each concurrency, the order rotating, so a change
 of machine load hits all three alike.
 
-    python bench/serve_bench.py                     # depth 4 and 6, 1/8/32 clients (~15 min on 2 cores)
+    python bench/serve_bench.py                     # depth 4 and 6, 1/8/32 clients (23 min, loaded 2-core box)
     python bench/serve_bench.py --quick             # smoke run: depth 4, 1 and 8 clients, 32 tokens
     python bench/serve_bench.py --json              # one JSON document on the last line
+    python bench/serve_bench.py --server-env OMP_WAIT_POLICY=PASSIVE   # extra env for all three servers
 
 Goals (issue 13): >= 4x the batch-1 throughput at 8 clients and >= 8x at 32; >= 2x transformers
 serve's throughput at 8 and 32 clients, with a lower TTFT p50. Needs `transformers` (5.x, with its
