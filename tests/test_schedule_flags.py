@@ -114,6 +114,7 @@ def test_pretrain_schedule_flags(
             depth=2, head_dim=32, max_seq_len=64, window_pattern="L", device_batch_size=2, total_batch_size=128,
             num_iterations=STEPS, warmup_steps=1, eval_tokens=128, core_metric_max_per_task=2, device="cpu",
             threads=1, eval_every=every, sample_every=every, core_metric_every=every, save_every=every,
+            keep_last=0,  # 0 = keep every checkpoint
         ),
         base_home,
     )  # fmt: skip
@@ -122,7 +123,7 @@ def test_pretrain_schedule_flags(
     assert (res.val_bpb is not None) == bool(val)
     assert sampled == samples
     assert logged_steps(metrics, "core_metric") == core
-    assert saved_steps(Path(res.checkpoint_dir)) == saves
+    assert saved_steps(Path(res.checkpoint_dir)) == saves  # N = 2 with --keep-last 0: both kept
 
 
 def test_pretrain_plan_describes_the_schedule(base_home: Path) -> None:
