@@ -92,15 +92,9 @@ def _check(opts: TokTrainOptions) -> None:
         raise UsageError(f"--max-chars must be positive, got {opts.max_chars}")
     if opts.doc_cap <= 0:
         raise UsageError(f"--doc-cap must be positive, got {opts.doc_cap}")
-    import codecs
+    from nanoctl.data.ingest import check_encoding
 
-    try:
-        codecs.lookup(opts.encoding)
-    except LookupError:
-        raise UsageError(
-            f"--encoding {opts.encoding!r} is not a known text encoding",
-            "e.g. utf-8, latin-1, cp1252, utf-16",
-        ) from None
+    check_encoding(opts.encoding)
 
 
 def _warnings(r: TokTrainResult, vocab: int, opts: TokTrainOptions) -> list[str]:

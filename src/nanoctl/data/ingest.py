@@ -491,12 +491,16 @@ def _check_options(opts: IngestOptions) -> None:
         raise UsageError(
             f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}, got {opts.encoding_errors!r}"
         )
+    check_encoding(opts.encoding)
+
+
+def check_encoding(name: str) -> None:
+    """UsageError naming --encoding unless Python knows `name` (ingest's and tok train's check)."""
     try:
-        codecs.lookup(opts.encoding)
+        codecs.lookup(name)
     except LookupError:
         raise UsageError(
-            f"--encoding {opts.encoding!r} is not a known text encoding",
-            "e.g. utf-8, latin-1, cp1252, utf-16",
+            f"--encoding {name!r} is not a known text encoding", "e.g. utf-8, latin-1, cp1252, utf-16"
         ) from None
 
 
