@@ -176,7 +176,7 @@ class RaggedView:
         """This view's rows of a (slots, T, ...) layer tensor, up to the longest row."""
         if self.span is not None:
             return t[self.span[0] : self.span[1], : self.max_len]
-        return t.index_select(0, self.index)[:, : self.max_len]
+        return t[:, : self.max_len].index_select(0, self.index)  # slice first: gather only what is read
 
     def mask(self, window: int) -> torch.Tensor:
         """(B, 1, 1, max_len) bool: each row sees its own past, at most `window` back (< 0: all)."""
