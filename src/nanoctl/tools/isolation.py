@@ -69,7 +69,7 @@ class Layers:
             ("filesystem", self.bwrap is not None, "interpreter + stdlib read-only, tmpfs /tmp, new /proc"
              if self.bwrap else "-"),
             ("unprivileged", self.bwrap is not None and self.host_uid != 0, uid),
-            ("seccomp", self.seccomp, f"{len(seccomp.DENIED_SYSCALLS)} syscalls + namespace clone flags + "
+            ("seccomp", self.seccomp, f"{len(seccomp.DENIED_SYSCALLS)} syscalls + fork/clone + "
              "file-flag/terminal ioctls refused" if self.seccomp else (seccomp.unavailable_reason() or "-")),
             ("rlimits", True, "CPU, memory, file size, processes, open files"),
             ("python guard", True, "audit hook + reliability guard (last layer)"),
