@@ -62,7 +62,7 @@ def _register() -> None:
 
 
 # One entry per command module, in the order they appear in --help.
-COMMAND_MODULES: list[str] = ["run", "data", "tasks", "tok", "train", "eval", "report", "chat", "serve", "cache", "doctor"]
+COMMAND_MODULES: list[str] = ["run", "data", "tasks", "tok", "train", "eval", "report", "chat", "serve", "export", "import_nanochat", "cache", "doctor"]
 
 _register()
 
