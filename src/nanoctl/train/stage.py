@@ -54,6 +54,9 @@ class StageOptions:
     seed: int = option(42, help="Random seed.")
     threads: int | None = option(None, help="CPU threads (unset: all cores / processes).")
     compile: str = option("auto", help="torch.compile: auto (CUDA only), on, off.")
+    log_format: str = option(
+        "auto", help="auto (a live display on a terminal, plain step lines otherwise), rich or plain.", panel=OUTPUT
+    )
     resume: bool = option(
         False, help="Require resuming from this stage's latest checkpoint (a partial run resumes anyway)."
     )
@@ -529,7 +532,7 @@ def _build(run: Run) -> None:
     )
     if run.master:
         save_tokenizer_copy(run.directory, run.home)
-    run.reporter = Reporter(run.num_steps(), start=run.start, enabled=run.master)
+    run.reporter = Reporter(run.num_steps(), start=run.start, enabled=run.master, log_format=stage.opts.log_format)
     run.ema = LossEMA.from_state(run.loop.ema)
     run.peak = peak_flops(run.device) if stage.reports_mfu else None
     run.flops_per_token = run.model.estimate_flops()
@@ -654,7 +657,9 @@ def _step(run: Run) -> None:
     n = run.num_steps()
     mfu = (100 * run.flops_per_token * stats.tokens / dt / (run.peak * run.info.world_size)
            if run.peak else None)
-    run.reporter.step(stage.step_line(run, step, n, stats, shown, lrm, dt, mfu), advance_to=step)
+    run.reporter.step(stage.step_line(run, step, n, stats, shown, lrm, dt, mfu), advance_to=step, loss=shown,
+                      tok_per_sec=stats.tokens / dt, mfu=mfu, elapsed=run.loop.total_training_time,
+                      eta=run.eta(n - step))
     record = {stage.value_name: value, "lrm": lrm, "dt": dt, **stats.metrics}
     if stage.smooth:
         record.update(loss_ema=shown, tok_per_sec=stats.tokens / dt, mfu=mfu)
