@@ -22,6 +22,9 @@ Example: [cyan]nanoctl serve --port 8000 --api-key secret[/]
 
 
 def _call(ctx: typer.Context, opts: Any, json_output: bool) -> None:
+    # Before torch loads OpenMP: spinning worker threads between decode steps starve the HTTP loop
+    # (measured on 2 cores: d4 time to first token 1 s -> 0.1 s, 32 clients 44 -> 170 tok/s).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nanoctl.serve.server import print_event, serve
 
     if opts.api_key is None and os.environ.get("NANOCTL_API_KEY"):
