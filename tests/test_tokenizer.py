@@ -170,7 +170,7 @@ def test_save_load_roundtrip(tok: Tokenizer, home: Path) -> None:
     import torch
 
     tok.save(home / "tokenizer")
-    assert sorted(p.name for p in (home / "tokenizer").iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]
+    assert sorted(p.name for p in (home / "tokenizer").iterdir()) == ["token_bytes.pt", "tokenizer.json", "tokenizer.pkl"]
     # nanochat's format: the pickle is a plain tiktoken Encoding.
     with open(home / "tokenizer" / "tokenizer.pkl", "rb") as f:
         assert isinstance(pickle.load(f), tiktoken.Encoding)

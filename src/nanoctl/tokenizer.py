@@ -114,6 +114,11 @@ class Tokenizer:
         import tiktoken
 
         path = Path(tokenizer_dir) / PICKLE_NAME
+        hf_path = Path(tokenizer_dir) / "tokenizer.json"
+        if not path.exists() and hf_path.is_file():  # no pickle needed: rebuild from the HF tokenizer.json
+            from nanoctl.export.hf_tokenizer import encoding_from_tokenizer_json
+
+            return cls(encoding_from_tokenizer_json(hf_path), "<|bos|>")
         try:
             with open(path, "rb") as f:
                 enc = pickle.load(f)
@@ -312,7 +317,7 @@ class Tokenizer:
     # -- persistence --------------------------------------------------------------------------------
 
     def save(self, tokenizer_dir: str | os.PathLike[str]) -> None:
-        """Write tokenizer.pkl and token_bytes.pt; all or nothing.
+        """Write tokenizer.pkl, token_bytes.pt and tokenizer.json (HF fast tokenizer); all or nothing.
 
         Both files go to a temp directory beside the target, which then replaces the target, so an
         interrupted save leaves the previous tokenizer (or none), never a mix.
@@ -330,6 +335,12 @@ class Tokenizer:
                 os.fsync(f.fileno())
             with open(staging / TOKEN_BYTES_NAME, "wb") as f:
                 torch.save(torch.tensor(self.token_bytes(), dtype=torch.int32), f)
+                f.flush()
+                os.fsync(f.fileno())
+            from nanoctl.export.hf_tokenizer import HF_TOKENIZER_NAME, tokenizer_json
+
+            with open(staging / HF_TOKENIZER_NAME, "w", encoding="utf-8") as f:  # loadable without pickle
+                f.write(tokenizer_json(self))
                 f.flush()
                 os.fsync(f.fileno())
             _swap_dir(staging, target)
@@ -361,7 +372,7 @@ def _swap_dir(staging: Path, target: Path) -> None:
 def load_tokenizer(home: Home | str | os.PathLike[str] | None = None) -> Tokenizer:
     """The home's tokenizer (`<home>/tokenizer/tokenizer.pkl`). An entry point: `home` is resolved here."""
     d = Home.resolve(home).tokenizer_dir
-    if not (d / PICKLE_NAME).is_file():
+    if not (d / PICKLE_NAME).is_file() and not (d / "tokenizer.json").is_file():
         raise NanoctlError(f"no tokenizer in {d}", "run `nanoctl tok train` first")
     return Tokenizer.from_directory(d)
 
