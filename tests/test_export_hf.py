@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny_chat import save_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from nanoctl.cli.main import app
@@ -16,6 +15,7 @@ from nanoctl.export.hf_export import ExportHFOptions, export_hf
 from nanoctl.home import Home
 from nanoctl.model.gpt import GPTConfig, build_model
 from nanoctl.tokenizer import Tokenizer
+from tiny_chat import save_model, tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 SAMPLE = Path(__file__).parent.parent / "src/nanoctl/sample_data/sample.jsonl.gz"

@@ -213,6 +213,7 @@ RULES = [
             "nanoctl.dist",
             "nanoctl.optim",
             "nanoctl.tokenizer",
+            "nanoctl.tokenizer_json",
             "nanoctl.conversations",
             "nanoctl.data",
             "nanoctl.cache",

@@ -48,7 +48,7 @@ def test_train_then_eval(shard_home: Path) -> None:
     assert 400_000 < r["characters"] <= 400_000 + 10_000
     assert r["chars_per_second"] > 0 and r["token_bytes_max"] > r["token_bytes_min"] >= 1
     tok_dir = shard_home / "tokenizer"
-    assert sorted(p.name for p in tok_dir.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]
+    assert sorted(p.name for p in tok_dir.iterdir()) == ["token_bytes.pt", "tokenizer.json", "tokenizer.pkl"]
 
     again = invoke("tok", "train", "--vocab-size", "1000")
     assert again.exit_code == 0 and "already trained" in again.stdout and "--force" in again.stderr

@@ -116,7 +116,7 @@ class Tokenizer:
         path = Path(tokenizer_dir) / PICKLE_NAME
         hf_path = Path(tokenizer_dir) / "tokenizer.json"
         if not path.exists() and hf_path.is_file():  # no pickle needed: rebuild from the HF tokenizer.json
-            from nanoctl.export.hf_tokenizer import encoding_from_tokenizer_json
+            from nanoctl.tokenizer_json import encoding_from_tokenizer_json
 
             return cls(encoding_from_tokenizer_json(hf_path), "<|bos|>")
         try:
@@ -337,7 +337,7 @@ class Tokenizer:
                 torch.save(torch.tensor(self.token_bytes(), dtype=torch.int32), f)
                 f.flush()
                 os.fsync(f.fileno())
-            from nanoctl.export.hf_tokenizer import HF_TOKENIZER_NAME, tokenizer_json
+            from nanoctl.tokenizer_json import HF_TOKENIZER_NAME, tokenizer_json
 
             with open(staging / HF_TOKENIZER_NAME, "w", encoding="utf-8") as f:  # loadable without pickle
                 f.write(tokenizer_json(self))

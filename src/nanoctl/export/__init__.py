@@ -1,4 +1,4 @@
-"""Model export to other formats: HF transformers (export/hf.py, hf_tokenizer.py, hf_export.py).
+"""Model export to other formats: HF transformers (export/hf.py, hf_export.py; the tokenizer.json conversion is nanoctl/tokenizer_json.py).
 
 Importing this package is light; the torch-using names below are loaded on first use.
 """

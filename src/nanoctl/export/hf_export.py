@@ -48,8 +48,8 @@ def export_hf(outdir: str | Path, opts: ExportHFOptions, *, home: Home) -> dict[
 
     from nanoctl.checkpoint import _infer_arch, find_checkpoint, load_checkpoint, load_tokenizer_for
     from nanoctl.export.hf import require_classic, to_hf_config, to_hf_state_dict
-    from nanoctl.export.hf_tokenizer import write_hf_tokenizer
     from nanoctl.model.gpt import GPTConfig
+    from nanoctl.tokenizer_json import write_hf_tokenizer
 
     opts.validate()
     out = Path(outdir).expanduser()
