@@ -1,8 +1,9 @@
 """Continuous batching: one thread owns the model and decodes every running request's rows together.
 
 Each request's samples are rows of one `SlotKVCache` (`--max-batch` rows, each with its own length).
-A request waits in a bounded queue until it has rows; its prompt is then prefilled one chunk at a time
-*between* decode steps, so a long prompt never stalls the streams already running. Once prefilled, its
+A request waits in a bounded queue until it has rows; its prompt is then prefilled *between* decode steps,
+at most `prefill_chunk` tokens per turn (several short prompts share a turn; a long one takes several),
+so a long prompt never stalls the streams already running. Once prefilled, its
 rows join the decode batch; a row leaves when it emits a stop token, reaches its token budget or the
 context, or its request is cancelled (a client disconnect or a matched stop string), freeing the row
 within one decode step.
@@ -200,7 +201,7 @@ class Scheduler:
                 try:
                     self._drop_cancelled()
                     if self._prefills:
-                        self._prefill_one_chunk()
+                        self._prefill_turn()
                     if self._rows:
                         self._decode_step()
                 except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
@@ -244,14 +245,29 @@ class Scheduler:
                 self._finish(row, "cancelled")
         self._rows = [r for r in self._rows if not r.done]
 
-    def _prefill_one_chunk(self) -> None:
+    def _prefill_turn(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens, across as many newcomers as fit, then return.
+
+        Short prompts no longer wait one decode step each (32 arrivals used to mean 32 turns before the
+        last first token). Chunks keep fixed boundaries (multiples of `prefill_chunk` in each prompt),
+        so a seeded request's prefill is the same computation alone or in a crowd.
+        """
+        budget = self.prefill_chunk
+        while self._prefills:
+            p = self._prefills[0]
+            prompt = p.handle.request.prompt
+            end = min(len(prompt), (p.pos // self.prefill_chunk + 1) * self.prefill_chunk)
+            if end - p.pos > budget and budget < self.prefill_chunk:
+                return  # the next chunk would overrun this turn's budget: decode first
+            budget -= end - p.pos
+            if not self._prefill_chunk(p, prompt[p.pos : end], last=end >= len(prompt)) or budget <= 0:
+                return
+
+    def _prefill_chunk(self, p: _Prefill, chunk: list[int], last: bool) -> bool:
+        """Run one chunk of `p`'s prompt; True when the prompt is done and its rows have started."""
         from nanoctl.engine import last_position_logits
 
-        p = self._prefills[0]
-        prompt = p.handle.request.prompt
-        chunk = prompt[p.pos : p.pos + self.prefill_chunk]
         ids = self._tensor([chunk])
-        last = p.pos + len(chunk) >= len(prompt)
         view = self._cache.row(p.slots[0])
         if last:
             with last_position_logits(self.model):
@@ -260,9 +276,10 @@ class Scheduler:
             self.model(ids, kv_cache=view, softcap=False)
         p.pos += len(chunk)
         if not last:
-            return  # the running rows decode before this prompt's next chunk
+            return False  # the running rows decode before this prompt's next chunk
         self._prefills.popleft()
         self._start_rows(p, logits)
+        return True
 
     def _start_rows(self, p: _Prefill, logits: torch.Tensor) -> None:
         import torch
@@ -281,8 +298,11 @@ class Scheduler:
                 seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
                 seen[self._tensor(req.prompt)] = True
             rows.append(_Row(p.handle, i, s, RowState(), budget, gens[i] if gens else None, seen))
+        # Rows count as active before their first token goes out, so a client that has seen it never
+        # reads a stale `active_rows` (the metric and the tests read it from other threads).
+        self._rows = self._rows + rows
         self._sample(rows, logits.expand(len(rows), -1))
-        self._rows.extend(r for r in rows if not r.done)
+        self._rows = [r for r in self._rows if not r.done]
 
     def _decode_step(self) -> None:
         rows = sorted(self._rows, key=lambda r: r.slot)
