@@ -10,6 +10,8 @@ arch="current" (nanochat HEAD):
 - resid_lambdas / x0_lambdas before every block, smear (previous-token mixing) and backout
 arch="classic" (nanochat's first release == HF transformers NanoChatForCausalLM): same trunk without
 windows, value embeddings, scalars, smear, backout and the 1.2 QK scale; RoPE base 10k.
+arch="deepseek": the classic trunk with Multi-head Latent Attention (model/mla.py) and DeepSeekMoE
+(model/moe.py) after the first dense layer(s); its config rules and counts live in model/deepseek.py.
 
 Module and parameter names follow nanochat so its checkpoints load as they are. Construction is meant
 to happen on the meta device (`build_model`): `__init__` allocates shapes only; `init_weights` fills them.
@@ -38,12 +40,12 @@ from nanoctl.model.kv_cache import KVCache, RaggedView, SlotKVCache
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("current", "classic")
+ARCHS = ("current", "classic", "deepseek")
 SOFTCAP = 15.0
 VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
 SMEAR_GATE_CHANNELS = 24  # smear gate reads the first 24 channels of the normalized embedding
 QK_SCALE = 1.2  # HEAD sharpens attention by scaling q and k after QK-norm
-ROPE_BASE = {"current": 100_000.0, "classic": 10_000.0}
+ROPE_BASE = {"current": 100_000.0, "classic": 10_000.0, "deepseek": 10_000.0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,13 +62,30 @@ class GPTConfig:
     n_embd: int = 768
     # Tiled over layers; L = full context, S = short window (ceil(seq/4) rounded up to 128). Last layer is L.
     window_pattern: str = "SSSL"
-    arch: str = "current"  # "current" (nanochat HEAD) | "classic" (Oct 2025 == HF NanoChat)
+    arch: str = "current"  # "current" (nanochat HEAD) | "classic" (Oct 2025 == HF NanoChat) | "deepseek"
+    # arch="deepseek" only (model/deepseek.py); 0 = derived from the shape when the config is built.
+    n_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # routed experts per token
+    n_shared_experts: int = 1  # always-on experts (one fused MLP of n_shared x moe_intermediate_size)
+    moe_intermediate_size: int = 0  # hidden size of one expert (0: 4*n_embd/(top_k+shared), to 32)
+    n_dense_layers: int = 1  # the first layers keep the dense MLP
+    kv_lora_rank: int = 0  # MLA latent size (0: n_embd/4)
+    q_lora_rank: int = 0  # query bottleneck; 0 = none (a full-rank query projection)
+    qk_rope_head_dim: int = 0  # decoupled RoPE part of q/k per head (0: head_dim/2)
+    qk_nope_head_dim: int = 0  # position-free part of q/k per head (0: head_dim)
+    v_head_dim: int = 0  # (0: head_dim)
+    mtp_depth: int = 0  # multi-token prediction modules (0 or 1)
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing step per optimizer step (0 = off)
 
     def __post_init__(self) -> None:
         self.window_pattern = self.window_pattern.upper()
-        if self.arch == "classic":
+        if self.arch in ("classic", "deepseek"):
             # Classic nanochat had no sliding windows; record that so configs round-trip honestly.
             self.window_pattern = "L"
+        if self.arch == "deepseek":
+            from nanoctl.model.deepseek import resolve_config
+
+            resolve_config(self)
         self.validate()
 
     @property
@@ -98,9 +117,23 @@ class GPTConfig:
             )
         if self.arch == "current" and self.n_embd < SMEAR_GATE_CHANNELS:
             raise UsageError(f"n_embd={self.n_embd} is too small: the current arch needs n_embd >= 24")
+        if self.arch == "deepseek":
+            from nanoctl.model.deepseek import validate_config
+
+            validate_config(self)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels RoPE rotates per head: the whole head, or MLA's decoupled rope part."""
+        return self.qk_rope_head_dim if self.arch == "deepseek" else self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.arch != "deepseek":  # dense configs (and their resume keys) stay as they always were
+            from nanoctl.model.deepseek import DEEPSEEK_FIELDS
+
+            data = {k: v for k, v in data.items() if k not in DEEPSEEK_FIELDS}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
@@ -117,11 +150,13 @@ def config_for_depth(
     head_dim: int = 128,
     window_pattern: str = "SSSL",
     arch: str = "current",
+    **variant: Any,
 ) -> GPTConfig:
     """nanochat's depth -> shape rule.
 
-    current: dim = ceil(depth*aspect/head_dim)*head_dim so head_dim is always exact; heads = dim/head_dim.
-    classic: dim = depth*aspect; heads = ceil(dim/head_dim) (head size then dim/heads, which must divide).
+    current (and deepseek): dim = ceil(depth*aspect/head_dim)*head_dim so head_dim is always exact;
+    heads = dim/head_dim. classic: dim = depth*aspect; heads = ceil(dim/head_dim) (head size then
+    dim/heads, which must divide). `variant`: further GPTConfig fields (the deepseek ones).
     """
     if depth < 1:
         raise UsageError(f"--depth {depth} must be >= 1")
@@ -148,6 +183,7 @@ def config_for_depth(
         n_embd=model_dim,
         window_pattern=window_pattern,
         arch=arch,
+        **variant,
     )
 
 
@@ -283,10 +319,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, hidden: int | None = None) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
+        hidden = hidden or 4 * config.n_embd
+        self.c_fc = Linear(config.n_embd, hidden, bias=False)
+        self.c_proj = Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -297,6 +334,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
+        if config.arch == "deepseek":
+            from nanoctl.model.deepseek import deepseek_sublayers
+
+            self.attn, self.mlp = deepseek_sublayers(config, layer_idx)
+            return
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
@@ -364,10 +406,16 @@ class GPT(nn.Module):
                     if has_ve(i, config.n_layer)
                 }
             )
+        # DeepSeek's multi-token prediction module(s) (training only; model/deepseek.py).
+        self.mtp: nn.Module | None = None
+        if config.arch == "deepseek" and config.mtp_depth:
+            from nanoctl.model.deepseek import MTPModule
+
+            self.mtp = MTPModule(config)
         # Rotary tables for 10x the training length (generation may run past it); not saved.
         self.rotary_seq_len = config.sequence_len * 10
         # Placeholders with the right shape/dtype (math on the meta device is slow); init_rotary fills them.
-        shape = (1, self.rotary_seq_len, 1, config.head_dim // 2)
+        shape = (1, self.rotary_seq_len, 1, config.rotary_dim // 2)
         self.register_buffer("cos", torch.empty(shape, dtype=self.compute_dtype), persistent=False)
         self.register_buffer("sin", torch.empty(shape, dtype=self.compute_dtype), persistent=False)
 
@@ -378,7 +426,7 @@ class GPT(nn.Module):
     # -- init ------------------------------------------------------------------------------------------
 
     def _rotary_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        head_dim = self.config.head_dim
+        head_dim = self.config.rotary_dim
         base = ROPE_BASE[self.config.arch]
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (base ** (channel_range / head_dim))
@@ -403,7 +451,11 @@ class GPT(nn.Module):
           wte N(0, 1).
         """
         cfg = self.config
-        if self.is_current:
+        if cfg.arch == "deepseek":
+            from nanoctl.model.deepseek import init_deepseek_weights
+
+            init_deepseek_weights(self)
+        elif self.is_current:
             nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
             s = 3**0.5 * cfg.n_embd**-0.5  # uniform with the std of N(0, 1/n_embd), without outliers
@@ -474,10 +526,14 @@ class GPT(nn.Module):
         wte = sum(p.numel() for p in self.transformer.wte.parameters())
         value_embeds = sum(p.numel() for p in self.value_embeds.parameters()) if self.is_current else 0
         lm_head = sum(p.numel() for p in self.lm_head.parameters())
-        transformer_matrices = sum(p.numel() for p in self.transformer.h.parameters())
+        transformer_matrices = sum(p.numel() for p in self.matrix_params())
         scalars = sum(p.numel() for p in self.scalar_params())
         total = wte + value_embeds + lm_head + transformer_matrices + scalars
         assert total == sum(p.numel() for p in self.parameters()), "a parameter is missing from the groups"
+        if self.config.arch == "deepseek":
+            from nanoctl.model.deepseek import count_params
+
+            return count_params(self, wte, lm_head, transformer_matrices, total)
         return {
             "wte": wte,
             "value_embeds": value_embeds,
@@ -488,8 +544,17 @@ class GPT(nn.Module):
             "scaling": transformer_matrices + lm_head,
         }
 
+    def matrix_params(self) -> list[nn.Parameter]:
+        """The blocks' matrices (Muon), MTP's included; expert weights are (E, out, in) stacks."""
+        mtp = list(self.mtp.parameters()) if self.mtp is not None else []
+        return list(self.transformer.h.parameters()) + mtp
+
     def estimate_flops(self) -> float:
         """Training FLOPs per token: 6 per matmul weight + 12*H*hd*min(window, T) per layer for attention."""
+        if self.config.arch == "deepseek":
+            from nanoctl.model.deepseek import estimate_flops
+
+            return estimate_flops(self)
         counts = self.num_scaling_params()
         matmul_params = counts["transformer_matrices"] + counts["lm_head"]
         cfg = self.config
@@ -497,31 +562,55 @@ class GPT(nn.Module):
         attn = sum(12 * cfg.n_head * cfg.head_dim * (t if w < 0 else min(w, t)) for w in self.window_sizes)
         return float(6 * matmul_params + attn)
 
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(cached heads, key dim, value dim) per layer. MLA caches one latent+rope-key "head" and no V."""
+        cfg = self.config
+        if cfg.arch == "deepseek":
+            return 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 0
+        return cfg.n_kv_head, cfg.head_dim, cfg.head_dim
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token occupies over all layers, in the compute dtype."""
+        heads, k_dim, v_dim = self.kv_layout()
+        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+        return self.config.n_layer * heads * (k_dim + v_dim) * itemsize
+
     def new_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
         cfg = self.config
+        heads, k_dim, v_dim = self.kv_layout()
         return KVCache(
             batch_size=batch_size,
-            num_kv_heads=cfg.n_kv_head,
+            num_kv_heads=heads,
             seq_len=seq_len,
-            head_dim=cfg.head_dim,
+            head_dim=k_dim,
             num_layers=cfg.n_layer,
             device=self.get_device(),
             dtype=self.compute_dtype,
+            v_head_dim=v_dim,
         )
 
     def new_slot_cache(self, slots: int, seq_len: int | None = None) -> SlotKVCache:
         """A continuous-batching cache: `slots` rows of up to `seq_len` (default: the context) each."""
         cfg = self.config
+        heads, k_dim, v_dim = self.kv_layout()
         return SlotKVCache(
             slots=slots,
-            num_kv_heads=cfg.n_kv_head,
+            num_kv_heads=heads,
             seq_len=seq_len or cfg.sequence_len,
-            head_dim=cfg.head_dim,
+            head_dim=k_dim,
             num_layers=cfg.n_layer,
             n_embd=cfg.n_embd,
             device=self.get_device(),
             dtype=self.compute_dtype,
+            v_head_dim=v_dim,
         )
+
+    def after_optimizer_step(self) -> None:
+        """Called by the training framework after every optimizer step: DeepSeekMoE's bias balancing."""
+        if self.config.arch == "deepseek":
+            from nanoctl.model.deepseek import update_routing_biases
+
+            update_routing_biases(self)
 
     # -- optimizer -------------------------------------------------------------------------------------
 
@@ -544,7 +633,7 @@ class GPT(nn.Module):
 
         scale = (self.config.n_embd / 768) ** -0.5
         log.info("AdamW LR scale (n_embd/768)^-0.5 = %.6f", scale)
-        matrix_params = list(self.transformer.h.parameters())
+        matrix_params = self.matrix_params()
         adam_specs: list[tuple[str, list[nn.Parameter], float, tuple[float, float], float]] = [
             ("lm_head", list(self.lm_head.parameters()), unembedding_lr * scale, (0.8, 0.96), 0.01),
             ("wte", list(self.transformer.wte.parameters()), embedding_lr * scale, (0.8, 0.995), 0.001),
@@ -680,10 +769,21 @@ class GPT(nn.Module):
         if x_backout is not None:
             # Remove part of the mid-depth residual (low-level features) before the head.
             x = x - self.backout_lambda.to(x.dtype) * x_backout
+        mtp_loss = None
+        if self.mtp is not None and self.training and targets is not None and kv_cache is None:
+            mtp_loss = self.mtp(self, x, idx, targets, cos_sin, loss_reduction)
         x = norm(x)
         if kv_cache is not None:
             kv_cache.advance(T)
 
+        if mtp_loss is not None:
+            return self.head_loss(x, targets, loss_reduction) + mtp_loss
+        return self.head_loss(x, targets, loss_reduction, softcap)
+
+    def head_loss(
+        self, x: torch.Tensor, targets: torch.Tensor | None, loss_reduction: str = "mean", softcap: bool = True
+    ) -> torch.Tensor:
+        """The head on the final normalized hidden state: the loss (targets given) or fp32 logits."""
         if targets is not None and self._fused_loss(x, loss_reduction):
             return softcap_cross_entropy(
                 x.reshape(-1, x.size(-1)),

@@ -11,7 +11,8 @@ import torch
 
 
 class KVCache:
-    """Preallocated per-layer K/V for incremental decoding: k_cache/v_cache are (L, B, T, H_kv, D).
+    """Preallocated per-layer K/V for incremental decoding: k_cache/v_cache are (L, B, T, H_kv, D)
+    (v_cache's D may differ: 0 for MLA, which caches its latent and rope key as one K "head").
 
     All rows share one position (nanochat's design: rows are samples of one prompt). The model's forward
     writes new K/V at `get_pos()` and advances after the last layer. `prev_embedding` holds the last
@@ -27,13 +28,16 @@ class KVCache:
         num_layers: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        v_head_dim: int | None = None,
     ) -> None:
         shape = (num_layers, batch_size, seq_len, num_kv_heads, head_dim)
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.n_layers = num_layers
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        # v_head_dim 0: no V at all (MLA reads its values from the cached latent in k_cache)
+        v_dim = head_dim if v_head_dim is None else v_head_dim
+        self.v_cache = torch.zeros((*shape[:-1], v_dim), device=device, dtype=dtype)
         # FA3 layout keeps per-row lengths on the device; the Python int avoids a sync per get_pos().
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._pos = 0
@@ -92,13 +96,15 @@ class SlotKVCache:
         n_embd: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        v_head_dim: int | None = None,
     ) -> None:
         shape = (num_layers, slots, seq_len, num_kv_heads, head_dim)
         self.slots = slots
         self.seq_len = seq_len
         self.n_layers = num_layers
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        v_dim = head_dim if v_head_dim is None else v_head_dim  # 0: no V (MLA), as KVCache
+        self.v_cache = torch.zeros((*shape[:-1], v_dim), device=device, dtype=dtype)
         self.prev = torch.zeros(slots, 1, n_embd, device=device, dtype=dtype)
         self.lengths = [0] * slots  # positions written per row (host-side: no device sync to read)
 
