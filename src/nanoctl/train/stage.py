@@ -628,6 +628,9 @@ def _step(run: Run) -> None:
             run.optimizer.step()
         else:
             run.print(f"step {step:05d} | fp16 gradients overflowed: step skipped, loss scale now {run.scaler.scale:g}")
+        after_step = getattr(run.model, "after_optimizer_step", None)
+        if after_step is not None:  # per-step model state outside the optimizer (MoE routing biases)
+            after_step()
         run.model.zero_grad(set_to_none=True)
         run.loop.loss_scaler = run.scaler.state_dict()
     except torch.OutOfMemoryError as e:
