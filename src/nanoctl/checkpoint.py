@@ -523,7 +523,8 @@ def save_tokenizer_copy(directory: str | os.PathLike[str], home: Home) -> None:
 def load_tokenizer_for(ref: CheckpointRef, home: Home) -> Tokenizer:
     from nanoctl.tokenizer import Tokenizer, load_tokenizer
 
-    if (ref.directory / "tokenizer.pkl").exists():
+    # the tokenizer kept beside the weights (tokenizer.json alone suffices: an import writes both)
+    if (ref.directory / "tokenizer.pkl").exists() or (ref.directory / "tokenizer.json").exists():
         return Tokenizer.from_directory(ref.directory)
     return load_tokenizer(home)
 
