@@ -76,3 +76,28 @@ def options_command(
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = doc
     return command
+
+
+def argument_command(
+    cls: type,
+    call: Callable[[typer.Context, str, Any, bool], None],
+    argument: Any,
+    doc: str | None = None,
+) -> Callable[..., None]:
+    """`options_command` with one leading positional argument (`argument`: an Annotated[str,
+    typer.Argument(...)]) before the options: `call(ctx, value, opts, json_output)`."""
+    holder: dict[str, str] = {}
+    inner = options_command(cls, lambda ctx, opts, json_output: call(ctx, holder["value"], opts, json_output),
+                            None, doc)
+    sig = inspect.signature(inner)
+    params = list(sig.parameters.values())
+    params.insert(1, inspect.Parameter("value", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=argument))
+
+    def command(ctx: typer.Context, value: str, **values: Any) -> None:
+        holder["value"] = value
+        inner(ctx, **values)
+
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    return command
