@@ -3,8 +3,9 @@
 One run measures every figure. For each depth (4 and 6), a classic-arch model (the architecture HF
 NanoChat loads) gets random weights (normal, std 0.02). The same weights are written twice: as a nanoctl
 sft checkpoint (with a 32768-vocab tokenizer trained on the bundled sample text), and as a
-transformers NanoChat directory (`nanoctl.export` weights, the same tokenizer converted to
-`tokenizer.json`, and a chat template that renders nanochat's tokens). Three servers run side by side
+transformers NanoChat directory (written by `nanoctl.export.hf_export.write_hf_directory`, as
+`nanoctl export hf`: the weights, the same tokenizer as `tokenizer.json`, and a chat template that renders
+nanochat's tokens). Three servers run side by side
 as subprocesses on loopback, CPU, fp32, each with 2 threads (OMP/MKL):
 
 - `nanoctl serve --max-batch 32` (the contender);
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -93,43 +93,6 @@ def make_tokenizer(texts: list[str], home: Path) -> Any:
     return tok
 
 
-# nanochat's rendering (Tokenizer.render_for_completion) for system-less chats, as a transformers template.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% set c = m['content'] if m['content'] is string else (m['content'] | map(attribute='text') | join('')) %}"
-    "{% if m['role'] == 'user' %}<|user_start|>{{ c }}<|user_end|>"
-    "{% elif m['role'] == 'assistant' %}<|assistant_start|>{{ c }}<|assistant_end|>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant_start|>{% endif %}"
-)
-
-
-def save_hf_tokenizer(tok: Any, out: Path) -> Any:
-    """nanoctl's tiktoken ranks -> tokenizer.json (transformers' own TikTokenConverter) + chat template."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    out.mkdir(parents=True, exist_ok=True)
-    bpe = out / "ranks.tiktoken"  # tiktoken's file format, written here (tiktoken's dump needs blobfile)
-    bpe.write_text(
-        "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in tok.enc._mergeable_ranks.items()),
-        encoding="ascii",
-    )
-    converted = TikTokenConverter(
-        vocab_file=str(bpe), pattern=tok.enc._pat_str, extra_special_tokens=tok.enc._special_tokens
-    ).converted()
-    bpe.unlink()
-    converted.save(str(out / "tokenizer.json"))
-    hft = PreTrainedTokenizerFast(
-        tokenizer_file=str(out / "tokenizer.json"),
-        bos_token="<|bos|>",
-        eos_token="<|assistant_end|>",
-        pad_token="<|assistant_end|>",
-    )
-    hft.chat_template = CHAT_TEMPLATE
-    hft.save_pretrained(out)
-    return hft
-
-
 def make_model(depth: int, tok: Any, seed: int) -> Any:
     import torch
 
@@ -159,22 +122,15 @@ def save_nanoctl_checkpoint(model: Any, home: Path, tag: str) -> Path:
     return directory
 
 
-def save_hf_model(model: Any, tok: Any, out: Path) -> Any:
-    import torch
-    from transformers import NanoChatConfig, NanoChatForCausalLM
+def save_hf_export(model: Any, tok: Any, out: Path) -> tuple[Any, Any]:
+    """The same weights and tokenizer as a transformers directory, written by nanoctl's exporter (as
+    `nanoctl export hf`: NanoChat weights, tokenizer.json, chat template); returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nanoctl.export import to_hf_config, to_hf_state_dict
+    from nanoctl.export.hf_export import write_hf_directory
 
-    eos = tok.encode_special("<|assistant_end|>")
-    hf_cfg = to_hf_config(model.config, bos_token_id=tok.get_bos_token_id(), eos_token_id=eos)
-    hf_cfg["rms_norm_eps"] = torch.finfo(torch.float32).eps  # F.rms_norm's default, as nanochat
-    hf = NanoChatForCausalLM(NanoChatConfig(**hf_cfg))
-    hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.config), strict=True)
-    hf.eval()
-    hf.generation_config.eos_token_id = eos
-    hf.generation_config.pad_token_id = eos
-    hf.save_pretrained(out)
-    return hf
+    write_hf_directory(out, model.state_dict(), model.config, tok)
+    return AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
 
 
 def render(tok: Any, text: str) -> list[int]:
@@ -509,8 +465,7 @@ def bench_depth(
     tag = f"d{depth}"
     ckpt = save_nanoctl_checkpoint(model, work / "home", tag)
     hf_dir = work / f"hf-{tag}"
-    hf = save_hf_model(model, tok, hf_dir)
-    hft = save_hf_tokenizer(tok, hf_dir)
+    hf, hft = save_hf_export(model, tok, hf_dir)
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     max_requests = max(4, *(args.rounds.get(c, 1) * c for c in args.clients))

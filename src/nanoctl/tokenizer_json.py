@@ -18,19 +18,36 @@ from nanoctl.errors import NanoctlError
 
 HF_TOKENIZER_NAME = "tokenizer.json"
 
-# Renders exactly Tokenizer.render_conversation's ids (string/text contents): a leading system message is
-# merged into the first user message with a blank line; add_generation_prompt appends <|assistant_start|>.
+# Renders exactly Tokenizer.render_conversation's ids: a leading system message is merged into the first
+# user message with a blank line; roles must alternate user/assistant; assistant content is a string or a
+# list of parts (text, python -> <|python_start|>..<|python_end|>, python_output ->
+# <|output_start|>..<|output_end|>); add_generation_prompt appends <|assistant_start|>. One difference:
+# HF tokenizes the rendered string, so two adjacent text parts are encoded together (we encode each).
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set sys_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set msgs = messages[1:] -%}"
     "{%- else -%}{%- set sys_prefix = '' -%}{%- set msgs = messages -%}{%- endif -%}"
     "{%- for m in msgs -%}"
+    "{%- if m['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
+    "{{- raise_exception('roles must alternate user/assistant (after an optional system message)') -}}"
+    "{%- endif -%}"
     "{%- if m['role'] == 'user' -%}"
     "{{- '<|user_start|>' -}}{%- if loop.first -%}{{- sys_prefix -}}{%- endif -%}"
     "{{- m['content'] -}}{{- '<|user_end|>' -}}"
-    "{%- elif m['role'] == 'assistant' -%}"
-    "{{- '<|assistant_start|>' -}}{{- m['content'] -}}{{- '<|assistant_end|>' -}}"
+    "{%- else -%}"
+    "{{- '<|assistant_start|>' -}}"
+    "{%- if m['content'] is string -%}{{- m['content'] -}}"
+    "{%- else -%}{%- for part in m['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part.get('text', '') -}}"
+    "{%- elif part['type'] == 'python' -%}"
+    "{{- '<|python_start|>' -}}{{- part.get('text', '') -}}{{- '<|python_end|>' -}}"
+    "{%- elif part['type'] == 'python_output' -%}"
+    "{{- '<|output_start|>' -}}{{- part.get('text', '') -}}{{- '<|output_end|>' -}}"
+    "{%- else -%}{{- raise_exception('unknown assistant part type: ' + part['type']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|assistant_end|>' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["from_hf_state_dict", "require_classic", "to_hf_config", "to_hf_state_dict"]
+__all__ = [
+    "from_hf_state_dict",
+    "require_classic",
+    "require_exportable",
+    "to_hf_config",
+    "to_hf_state_dict",
+    "to_remote_config",
+    "to_remote_state_dict",
+]
 
 
 def __getattr__(name: str) -> Any:

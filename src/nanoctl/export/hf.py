@@ -1,18 +1,53 @@
-"""HF transformers interop: the classic arch == transformers' NanoChatForCausalLM.
+"""HF transformers interop: the classic arch == transformers' NanoChatForCausalLM; the current arch ==
+our remote code (export/remote_code/modeling_nanoctl.py, loaded with trust_remote_code=True).
 
 `to_hf_config` gives config.json fields for NanoChatConfig; `to_hf_state_dict` / `from_hf_state_dict` map
-state-dict keys between nanochat's names and HF's (same tensors, no transposes). Only the classic arch
-maps: HF NanoChat has no sliding windows, value embeddings, scalars, smear or backout.
+state-dict keys between nanochat's names and HF's (same tensors, no transposes). HF NanoChat has no sliding
+windows, value embeddings, scalars, smear or backout, so the current arch goes through `to_remote_config` /
+`to_remote_state_dict` instead (same module names as HF NanoChat for the shared parts, so PEFT targets match).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanoctl.errors import UsageError
-from nanoctl.model.gpt import ROPE_BASE, SOFTCAP, GPTConfig
+from nanoctl.model.gpt import (
+    QK_SCALE,
+    ROPE_BASE,
+    SMEAR_GATE_CHANNELS,
+    SOFTCAP,
+    VE_GATE_CHANNELS,
+    GPTConfig,
+    has_ve,
+    window_sizes,
+)
+
+# How each arch leaves for transformers; an arch missing here (a new variant) is refused by name.
+HF_EXPORTS = {
+    "classic": "transformers' own NanoChatForCausalLM",
+    "current": "remote code (modeling_nanoctl.py, trust_remote_code=True)",
+}
+# What the archs without an export add over the ones with one (named in the refusal).
+_ARCH_FEATURES = {"deepseek": "Multi-head Latent Attention and DeepSeekMoE layers"}
+REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
+REMOTE_CODE_FILES = ("configuration_nanoctl.py", "modeling_nanoctl.py")
+REMOTE_AUTO_MAP = {
+    "AutoConfig": "configuration_nanoctl.NanoctlConfig",
+    "AutoModel": "modeling_nanoctl.NanoctlModel",
+    "AutoModelForCausalLM": "modeling_nanoctl.NanoctlForCausalLM",
+}
+# Tensors of the current arch outside the layers: nanochat name -> remote-code name
+_REMOTE_TOP_KEYS = {
+    "resid_lambdas": "model.resid_lambdas",
+    "x0_lambdas": "model.x0_lambdas",
+    "smear_gate.weight": "model.smear_gate.weight",
+    "smear_lambda": "model.smear_lambda",
+    "backout_lambda": "model.backout_lambda",
+}
 
 _HF_LAYER_KEYS = {
     "attn.c_q.weight": "self_attn.q_proj.weight",
@@ -24,13 +59,26 @@ _HF_LAYER_KEYS = {
 }
 
 
+def require_exportable(config: GPTConfig) -> None:
+    """Raise a UsageError naming the arch (and what it adds) when no HF export exists for it."""
+    if config.arch in HF_EXPORTS:
+        return
+    feature = _ARCH_FEATURES.get(config.arch)
+    what = f"the {config.arch!r} arch" + (f" ({feature})" if feature else "")
+    known = "; ".join(f"{arch}: {how}" for arch, how in HF_EXPORTS.items())
+    raise UsageError(
+        f"{what} has no Hugging Face export yet (model_config arch={config.arch!r})",
+        f"archs that export: {known}",
+    )
+
+
 def require_classic(config: GPTConfig) -> None:
     """Raise a UsageError unless `config` maps onto HF NanoChat (classic arch, vocab a multiple of 64)."""
     if config.arch != "classic":
         raise UsageError(
             "only the classic arch maps onto HF transformers NanoChat",
             "HF NanoChat has no sliding windows, value embeddings, scalars, smear or backout; "
-            "train with --arch classic to export",
+            "`nanoctl export hf` writes the current arch with remote code (to_remote_config)",
         )
     if config.vocab_size % 64:
         raise UsageError(f"vocab_size {config.vocab_size} is not a multiple of 64: HF needs unpadded tables")
@@ -91,3 +139,75 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -
         for ours, theirs in _HF_LAYER_KEYS.items():
             out[f"transformer.h.{i}.{ours}"] = state_dict[f"model.layers.{i}.{theirs}"]
     return out
+
+
+def to_remote_config(
+    config: GPTConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> dict[str, Any]:
+    """`config.json` for the remote-code NanoctlConfig (current arch), with its auto_map."""
+    if config.arch != "current":
+        require_exportable(config)
+        raise UsageError(f"the {config.arch!r} arch does not export through modeling_nanoctl.py")
+    out: dict[str, Any] = {
+        "architectures": ["NanoctlForCausalLM"],
+        "model_type": "nanoctl",
+        "auto_map": dict(REMOTE_AUTO_MAP),
+        "arch": config.arch,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "max_position_embeddings": config.sequence_len,
+        "rope_theta": ROPE_BASE[config.arch],
+        "window_sizes": window_sizes(config),
+        "value_embed_layers": [i for i in range(config.n_layer) if has_ve(i, config.n_layer)],
+        "ve_gate_channels": VE_GATE_CHANNELS,
+        "smear_gate_channels": SMEAR_GATE_CHANNELS,
+        "backout_layer": config.n_layer // 2,
+        "qk_scale": QK_SCALE,
+        "final_logit_softcapping": SOFTCAP,
+        "tie_word_embeddings": False,
+    }
+    if bos_token_id is not None:
+        out["bos_token_id"] = bos_token_id
+    if eos_token_id is not None:
+        out["eos_token_id"] = eos_token_id
+        out["pad_token_id"] = eos_token_id
+    return out
+
+
+def to_remote_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """nanochat keys -> remote-code keys (current arch). Vocab-padded tables are cropped to vocab_size.
+
+    Every tensor must map: one this exporter does not know (a newer variant) is refused by name rather
+    than dropped, since dropping it would give a model with wrong logits.
+    """
+    if config.arch != "current":
+        raise UsageError(f"the {config.arch!r} arch does not export through modeling_nanoctl.py")
+    sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    V = config.vocab_size
+    mapping = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
+    mapping.update({k: v for k, v in _REMOTE_TOP_KEYS.items()})
+    for i in range(config.n_layer):
+        for ours, theirs in _HF_LAYER_KEYS.items():
+            mapping[f"transformer.h.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+        if has_ve(i, config.n_layer):
+            mapping[f"transformer.h.{i}.attn.ve_gate.weight"] = f"model.layers.{i}.self_attn.ve_gate.weight"
+            mapping[f"value_embeds.{i}.weight"] = f"model.value_embeds.{i}.weight"
+    unknown = sorted(set(sd) - set(mapping))
+    if unknown:
+        raise UsageError(
+            f"checkpoint tensor {unknown[0]!r} (and {len(unknown) - 1} more) has no place in the HF export",
+            "this checkpoint uses a feature the exporter does not know; export it with the nanoctl that made it",
+        )
+    missing = sorted(set(mapping) - set(sd))
+    if missing:
+        raise UsageError(
+            f"checkpoint lacks tensor {missing[0]!r}", "the checkpoint is incomplete or not current-arch"
+        )
+    vocab_tables = {"transformer.wte.weight", "lm_head.weight"} | {
+        k for k in mapping if k.startswith("value_embeds.")
+    }
+    return {theirs: sd[ours][:V] if ours in vocab_tables else sd[ours] for ours, theirs in mapping.items()}

@@ -1,0 +1,346 @@
+"""A nanoctl model (nanochat's current architecture) for Hugging Face transformers (remote code).
+
+Shipped in every exported directory with configuration_nanoctl.py; load it with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Self-contained: torch and
+transformers only, never nanoctl. The math follows nanoctl's model/gpt.py exactly:
+
+- token embedding, parameter-free RMSNorm, then smear (x[t] += lam * sigmoid(W x[t][:24]) * x[t-1])
+- before every layer x = resid_lambdas[i] * x + x0_lambdas[i] * x0 (x0: the smeared embedding)
+- attention: q/k/v projections, a gated value embedding added to v on some layers, half-split RoPE
+  (rotating by -theta), QK RMSNorm, softmax scale qk_scale^2 / sqrt(head_dim), causal with a per-layer
+  sliding window, GQA
+- MLP: fc2(relu(fc1(x))^2)
+- backout: the output of layer `backout_layer`, times backout_lambda, is subtracted before the final norm
+- untied lm_head, logits softcapped: cap * tanh(logits / cap), in fp32
+
+Module names follow transformers' NanoChat (model.layers.N.self_attn.q_proj, mlp.fc1, ...), so PEFT's
+usual target modules apply. Attention and MLP are separate classes looked up by `config.arch`
+(ATTENTION_CLASSES, MLP_CLASSES) so another architecture family can add its own pieces beside these.
+
+The KV cache is transformers' DynamicCache with full-length layers; the sliding windows are applied by
+the attention mask, so every layer's cache holds the whole sequence (simple, and exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_nanoctl import NanoctlConfig
+
+# transformers renamed the cache argument and output field `past_key_values` -> `cache` (5.24); accept
+# and return whichever this version uses.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    # Parameter-free; eps = finfo(dtype).eps (F.rms_norm's default), as nanochat.
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, 1, head_dim/2) for integer positions (B, T); computed in fp32."""
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / (base ** (channels / head_dim))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return freqs.cos().to(dtype).unsqueeze(2), freqs.sin().to(dtype).unsqueeze(2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE on (B, T, H, D), rotating by -theta (nanochat's convention)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def attention_mask_for(
+    q_pos: torch.Tensor, k_len: int, window: int, key_padding: torch.Tensor | None
+) -> torch.Tensor:
+    """Boolean (B|1, 1, Tq, Tk) mask: key j visible to query at position p when j <= p and p - j <= window.
+
+    Keys are the cache positions 0..k_len-1. `key_padding` (B, k_len), 1 = a real token. A query always
+    sees itself, so a padded query row is never fully masked (SDPA would return NaN).
+    """
+    k_pos = torch.arange(k_len, device=q_pos.device)
+    rows = q_pos.unsqueeze(-1)  # (B, Tq, 1)
+    visible = k_pos <= rows
+    if window >= 0:
+        visible = visible & (rows - k_pos <= window)
+    if key_padding is not None:
+        visible = visible & key_padding[:, None, :].bool()
+    visible = visible | (k_pos == rows)
+    return visible.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class NanoctlAttention(nn.Module):
+    """Causal self-attention with RoPE, QK-norm, GQA, a sliding window and an optional value embedding."""
+
+    def __init__(self, config: NanoctlConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.window = config.window_sizes[layer_idx]
+        self.rope_theta = config.rope_theta
+        self.scale = config.qk_scale**2 / math.sqrt(self.head_dim)  # (s q).(s k) = s^2 q.k
+        hidden, kv_dim = config.hidden_size, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.ve_channels = config.ve_gate_channels
+        has_ve = layer_idx in config.value_embed_layers
+        self.ve_gate = nn.Linear(self.ve_channels, self.num_kv_heads, bias=False) if has_ve else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        value_embed: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        masks: dict[int, torch.Tensor],
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if value_embed is not None and self.ve_gate is not None:
+            # ResFormer value residual with an input-dependent per-head gate in (0, 3).
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., : self.ve_channels]))
+            v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.num_kv_heads, self.head_dim)
+        cos, sin = cos_sin
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if self.num_kv_heads != self.num_heads:
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = masks[self.window]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class NanoctlMLP(nn.Module):
+    """fc2(relu(fc1(x))^2), no biases."""
+
+    def __init__(self, config: NanoctlConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)).square())
+
+
+# One entry per architecture family (config.arch); a new family registers its attention and MLP here.
+ATTENTION_CLASSES: dict[str, type[nn.Module]] = {"current": NanoctlAttention}
+MLP_CLASSES: dict[str, type[nn.Module]] = {"current": NanoctlMLP}
+
+
+class NanoctlDecoderLayer(nn.Module):
+    """Pre-norm block with parameter-free norms: x += attn(norm(x)); x += mlp(norm(x))."""
+
+    def __init__(self, config: NanoctlConfig, layer_idx: int) -> None:
+        super().__init__()
+        if config.arch not in ATTENTION_CLASSES:
+            raise ValueError(
+                f"config.arch {config.arch!r} is not one this modeling_nanoctl.py knows "
+                f"({', '.join(sorted(ATTENTION_CLASSES))}); re-export with a newer nanoctl"
+            )
+        self.self_attn = ATTENTION_CLASSES[config.arch](config, layer_idx)
+        self.mlp = MLP_CLASSES[config.arch](config, layer_idx)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        value_embed: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        masks: dict[int, torch.Tensor],
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(rms_norm(x), value_embed, cos_sin, masks, cache)
+        return x + self.mlp(rms_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+class NanoctlPreTrainedModel(PreTrainedModel):
+    config_class = NanoctlConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["NanoctlDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only used for a fresh (not loaded) model; nanoctl checkpoints bring every tensor.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, NanoctlModel):
+            module.resid_lambdas.fill_(1.0)
+            module.x0_lambdas.zero_()
+            module.smear_lambda.zero_()
+            module.backout_lambda.zero_()
+
+
+class NanoctlModel(NanoctlPreTrainedModel):
+    """The trunk: embeddings, smear, scaled residuals, layers, backout, final norm (no head)."""
+
+    def __init__(self, config: NanoctlConfig) -> None:
+        super().__init__(config)
+        n, hidden = config.num_hidden_layers, config.hidden_size
+        kv_dim = config.num_key_value_heads * (hidden // config.num_attention_heads)
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.layers = nn.ModuleList([NanoctlDecoderLayer(config, i) for i in range(n)])
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(config.vocab_size, kv_dim) for i in config.value_embed_layers}
+        )
+        self.resid_lambdas = nn.Parameter(torch.ones(n))
+        self.x0_lambdas = nn.Parameter(torch.zeros(n))
+        self.smear_gate = nn.Linear(config.smear_gate_channels, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _smear(self, x: torch.Tensor, cache: Cache | None, past: int) -> torch.Tensor:
+        """Mix each position with the previous one; in decode the previous embedding comes from the cache."""
+        lam = self.smear_lambda.to(x.dtype)
+        channels = self.config.smear_gate_channels
+        prev = getattr(cache, "nanoctl_prev_embedding", None) if cache is not None and past > 0 else None
+        if cache is not None:
+            cache.nanoctl_prev_embedding = x[:, -1:, :].detach().clone()
+        if prev is None:
+            gate = lam * torch.sigmoid(self.smear_gate(x[:, 1:, :channels]))
+            return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        shifted = torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        return x + lam * torch.sigmoid(self.smear_gate(x[..., :channels])) * shifted
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if input_ids is None:
+            # Value embeddings are looked up by token id: embeddings alone do not determine the output.
+            raise ValueError("nanoctl models need input_ids (value embeddings are indexed by token id)")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        B, T = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=input_ids.device) + past).unsqueeze(0).expand(B, T)
+        x = rms_norm(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
+        cos_sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        key_padding = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            key_padding = attention_mask[:, -(past + T) :]
+        q_pos = (torch.arange(T, device=input_ids.device) + past).unsqueeze(0)  # cache slots, not RoPE ids
+        masks = {
+            w: attention_mask_for(q_pos, past + T, w, key_padding) for w in set(self.config.window_sizes)
+        }
+
+        x = self._smear(x, cache, past)
+        x0, x_backout = x, None
+        for i, layer in enumerate(self.layers):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            key = str(i)
+            value_embed = self.value_embeds[key](input_ids).to(x.dtype) if key in self.value_embeds else None
+            x = layer(x, value_embed, cos_sin, masks, cache)
+            if i == self.config.backout_layer:
+                x_backout = x
+        if x_backout is not None:
+            # Remove part of the mid-depth residual (low-level features) before the head.
+            x = x - self.backout_lambda.to(x.dtype) * x_backout
+        return BaseModelOutputWithPast(last_hidden_state=rms_norm(x), **{_CACHE_FIELD: cache})
+
+
+class NanoctlForCausalLM(NanoctlPreTrainedModel, GenerationMixin):
+    """NanoctlModel + an untied lm_head with logit softcapping."""
+
+    def __init__(self, config: NanoctlConfig) -> None:
+        super().__init__(config)
+        self.model = NanoctlModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+
+__all__ = ["NanoctlForCausalLM", "NanoctlModel", "NanoctlPreTrainedModel"]
