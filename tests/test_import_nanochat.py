@@ -328,3 +328,62 @@ def test_cli(nanochat_dir: Path, home: Path) -> None:
         and "no nanochat checkpoint with tag 'd99'" in r.output
         and "Traceback" not in r.output
     )
+
+
+def test_tokenizer_of_another_vocab_is_refused(nanochat_dir: Path, home: Path, tmp_path: Path) -> None:
+    from nanoctl.tokenizer import Tokenizer
+
+    other = tmp_path / "other_tok"
+    other.mkdir()
+    with open(other / "tokenizer.pkl", "wb") as f:
+        pickle.dump(Tokenizer.train_from_iterator(iter(["abc abd abe " * 50]), 300).enc, f)
+    with pytest.raises(NanoctlError, match=r"has \d+ tokens, base/d2@100 was trained with 320"):
+        import_nanochat(nanochat_dir, ImportNanochatOptions(tokenizer=str(other)), home=Home(home))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="train/stage.py copies the home's tokenizer into a new checkpoint, not the parent's: "
+    "save_tokenizer_copy(run.directory, run.home) should take the parent checkpoint's tokenizer",
+)
+def test_posttraining_keeps_the_imported_tokenizer(nanochat_dir: Path, home: Path) -> None:
+    """The home trains with another tokenizer (same vocab size): an sft from the import must still carry the
+    import's tokenizer, or the tuned model decodes into the wrong text."""
+    from nanoctl.tasks.common import Task
+    from nanoctl.tokenizer import Tokenizer
+    from nanoctl.train.sft import SFTOptions, sft
+
+    class Fixed(Task):
+        def num_examples(self) -> int:
+            return len(CONVERSATIONS)
+
+        def get_example(self, index: int) -> dict[str, Any]:
+            return CONVERSATIONS[index]
+
+    Tokenizer.train_from_iterator(iter(["zq xv zq xv qqq " * 80, "other words entirely " * 80]), 320).save(
+        home / "tokenizer"
+    )
+    summary = import_nanochat(nanochat_dir, ImportNanochatOptions(stage="base"), home=Home(home))
+    assert summary["tokenizer"]["home"] == "kept"
+    with single_thread():
+        sft(
+            SFTOptions(
+                source="base",
+                device="cpu",
+                num_iterations=1,
+                device_batch_size=3,
+                target_examples_per_step=3,
+                eval_every=-1,
+                eval_steps=1,
+                eval_metrics_every=-1,
+                metric_tasks=[],
+                output_tag="tuned",
+                train_task=Fixed(),
+                val_task=Fixed(),
+                threads=1,
+            ),
+            home=Home(home),
+        )
+    _, tok, _ = load_model(stage="sft", tag="tuned", device="cpu", home=home)
+    text = "hello there, see you soon"
+    assert tok.encode(text) == tiny_tokenizer().encode(text)

@@ -189,6 +189,12 @@ RULES = [
         why="the chat client talks to any OpenAI server over HTTP and never depends on ours",
     ),
     Rule(
+        "import-is-below-the-apps",
+        ("nanoctl.nanochat_import",),
+        (*UPPER, "nanoctl.serve", "nanoctl.engine"),
+        why="an import writes checkpoints that the stages and apps read; it needs only checkpoint, model and base",
+    ),
+    Rule(
         "only-cli-imports-cli",
         ("nanoctl",),
         ("nanoctl.cli",),
