@@ -81,6 +81,24 @@ def test_model_loads_and_matches(exported: tuple[GPT, Path]) -> None:
     assert cut > 8, "the random model stopped too early for the comparison to mean much"
 
 
+def test_left_padded_batch_generates_each_row_as_alone(tmp_path: Path) -> None:
+    """Batched generate() with left padding (the remote code's key-padding mask and smear over pads)."""
+    m = _model("current")
+    write_hf_directory(tmp_path / "hf", m.state_dict(), m.config, tiny_tokenizer())
+    hf = _load(tmp_path / "hf")
+    long, short = _prompt(PROMPT_LEN)[0], _prompt(PROMPT_LEN - 60)[0].flip(0)
+    pad = hf.generation_config.pad_token_id
+    ids = torch.stack([long, torch.cat([torch.full((60,), pad), short])])
+    mask = torch.stack(
+        [torch.ones(PROMPT_LEN), torch.cat([torch.zeros(60), torch.ones(PROMPT_LEN - 60)])]
+    ).long()
+    with torch.no_grad():
+        got = hf.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    for row, prompt in zip(got, (long, short), strict=True):
+        want = list(m.generate(prompt.tolist(), 12, temperature=0.0))
+        assert row[PROMPT_LEN:].tolist() == want
+
+
 def test_current_arch_sliding_window_is_exercised(tmp_path: Path) -> None:
     """The prompt is long enough that dropping the windows changes the logits (so the test above checks them)."""
     m = _model("current")

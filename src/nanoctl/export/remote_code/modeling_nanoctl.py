@@ -224,17 +224,27 @@ class NanoctlModel(NanoctlPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _smear(self, x: torch.Tensor, cache: Cache | None, past: int) -> torch.Tensor:
-        """Mix each position with the previous one; in decode the previous embedding comes from the cache."""
+    def _smear(
+        self, x: torch.Tensor, cache: Cache | None, past: int, key_padding: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mix each position with the previous one; in decode the previous embedding comes from the cache.
+
+        With left padding (`key_padding`, 1 = real token over the cache slots), a pad is no previous token.
+        """
         lam = self.smear_lambda.to(x.dtype)
         channels = self.config.smear_gate_channels
         prev = getattr(cache, "nanoctl_prev_embedding", None) if cache is not None and past > 0 else None
         if cache is not None:
             cache.nanoctl_prev_embedding = x[:, -1:, :].detach().clone()
         if prev is None:
+            shifted = x[:, :-1]
+            if key_padding is not None:
+                shifted = shifted * key_padding[:, -x.size(1) : -1, None].to(x.dtype)
             gate = lam * torch.sigmoid(self.smear_gate(x[:, 1:, :channels]))
-            return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+            return torch.cat([x[:, :1], x[:, 1:] + gate * shifted], dim=1)
         shifted = torch.cat([prev.to(x.dtype), x[:, :-1]], dim=1)
+        if key_padding is not None:
+            shifted = shifted * key_padding[:, past - 1 : past - 1 + x.size(1), None].to(x.dtype)
         return x + lam * torch.sigmoid(self.smear_gate(x[..., :channels])) * shifted
 
     def forward(
@@ -269,7 +279,7 @@ class NanoctlModel(NanoctlPreTrainedModel):
             w: attention_mask_for(q_pos, past + T, w, key_padding) for w in set(self.config.window_sizes)
         }
 
-        x = self._smear(x, cache, past)
+        x = self._smear(x, cache, past, key_padding)
         x0, x_backout = x, None
         for i, layer in enumerate(self.layers):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
