@@ -106,11 +106,16 @@ def to_hf_config(
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
     }
-    if bos_token_id is not None:
-        out["bos_token_id"] = bos_token_id
-    if eos_token_id is not None:
-        out["eos_token_id"] = eos_token_id
-        out["pad_token_id"] = eos_token_id
+    return _with_special_ids(out, bos_token_id, eos_token_id)
+
+
+def _with_special_ids(out: dict[str, Any], bos: int | None, eos: int | None) -> dict[str, Any]:
+    # Our specials sit at the end of the vocab: HF's defaults (0/1/1) would name ordinary tokens.
+    if bos is not None:
+        out["bos_token_id"] = bos
+    if eos is not None:
+        out["eos_token_id"] = eos
+        out["pad_token_id"] = eos
     return out
 
 
@@ -170,12 +175,7 @@ def to_remote_config(
         "final_logit_softcapping": SOFTCAP,
         "tie_word_embeddings": False,
     }
-    if bos_token_id is not None:
-        out["bos_token_id"] = bos_token_id
-    if eos_token_id is not None:
-        out["eos_token_id"] = eos_token_id
-        out["pad_token_id"] = eos_token_id
-    return out
+    return _with_special_ids(out, bos_token_id, eos_token_id)
 
 
 def to_remote_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
