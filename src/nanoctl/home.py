@@ -68,6 +68,14 @@ class Home:
         return self.checkpoints_root / stage / tag
 
     @property
+    def adapters_root(self) -> Path:
+        return self.root / "adapters"
+
+    def adapter_dir(self, stage: str, tag: str) -> Path:
+        """A LoRA run of `stage` (--lora-rank): its checkpoints plus PEFT's adapter files."""
+        return self.adapters_root / stage / tag
+
+    @property
     def eval_bundle_dir(self) -> Path:
         return self.root / "eval" / "bundle"
 

@@ -8,10 +8,10 @@ import typer
 
 from nanoctl.cli.common import App
 
-export_app = App(help="Export a checkpoint: a Hugging Face transformers directory (hf) or an ONNX Runtime graph (onnx).")
+export_app = App(help="Export a checkpoint: a Hugging Face transformers directory (hf), an ONNX Runtime graph (onnx), or a LoRA adapter merged into a checkpoint (merge-lora).")
 
 # Each target's command lives in its own module, which defines `register(export_app)`.
-TARGET_MODULES = ["export_hf", "export_onnx"]
+TARGET_MODULES = ["export_hf", "export_onnx", "export_merge_lora"]
 
 
 def register(app: typer.Typer) -> None:

@@ -9,12 +9,13 @@ the meta (`parent`: {stage, tag, step}) and logs `<home>/reports/<tag>/<stage>/m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.options import DATA, OPTIMIZATION, OUTPUT, START, option
 from nanoctl.tasks.identity import DEFAULT_CREATOR, DEFAULT_NAME
-from nanoctl.train.stage import Run, Stage, StageOptions
+from nanoctl.train.stage import Plan, Run, Stage, StageOptions
 
 # Where each stage starts from, in order of preference, and what to run when there is none.
 PARENTS: dict[str, tuple[str, ...]] = {"mid": ("base",), "sft": ("mid", "base"), "rl": ("sft",)}
@@ -47,6 +48,22 @@ class PostOptions(StageOptions):
     matrix_lr: float = option(0.02, help="Muon LR of the transformer matrices.", panel=OPTIMIZATION)
     scalar_lr: float = option(0.5, help="AdamW LR of the residual scalars.", panel=OPTIMIZATION)
     weight_decay: float = option(0.0, help="Muon weight decay.", panel=OPTIMIZATION)
+    lora_rank: int = option(
+        0, help="Train rank-R LoRA adapters instead of every weight (base frozen; 0 = full fine-tuning)."
+        " Written to <home>/adapters/<stage>/<tag>/ in PEFT's format.", panel=OPTIMIZATION,
+    )
+    lora_alpha: float | None = option(
+        None, help="LoRA scale numerator: updates are alpha/rank x B A (unset: 2 x rank).", panel=OPTIMIZATION
+    )
+    lora_dropout: float = option(0.0, help="Dropout on the adapters' input while training.", panel=OPTIMIZATION)
+    lora_targets: str = option(
+        "all", help="Block matrices that get adapters, comma-separated: q, k, v, proj (attention output),"
+        " fc (MLP up), mlp_proj (MLP down); all = every one.", panel=OPTIMIZATION,
+    )
+    lora_lr: float = option(
+        1e-3, help="AdamW LR of the adapters (the stage's LR schedule applies; --*-lr and --init-lr-frac"
+        " are unused with --lora-rank).", panel=OPTIMIZATION,
+    )
 
 
 @dataclass
@@ -165,7 +182,72 @@ class PostStage(Stage):
         from nanoctl.checkpoint import load_model
 
         model, tokenizer, _ = load_model(self.ref, device=run.device, dtype=run.dtype, home=self.home, phase="train")
+        if self.opts.lora_rank:
+            from nanoctl.model.lora import add_lora
+
+            add_lora(model, self.lora_config)
         return model, tokenizer
+
+    # --- LoRA (--lora-rank): adapters train, the rest is frozen; the framework's checkpoints hold the
+    # adapters and their AdamW state, in the adapter directory, so resume works as for a full run.
+
+    def make_plan(self) -> Plan:
+        o = self.opts
+        if not o.lora_rank:
+            return self.plan()
+        from nanoctl.model.lora import make_config
+
+        # checked first: a bad flag is a usage error whatever the home holds
+        cfg = self.lora_config = make_config(o.lora_rank, o.lora_alpha, o.lora_dropout, o.lora_targets)
+        if o.lora_lr <= 0:
+            raise UsageError(f"--lora-lr {o.lora_lr} must be > 0")
+        plan = self.plan()
+        plan.lines.append(
+            f"lora: rank {cfg.rank}, alpha {cfg.alpha:g} (scale {cfg.scaling:g}), dropout {cfg.dropout:g},"
+            f" targets {','.join(cfg.targets)}; base weights frozen; AdamW LR {o.lora_lr:g} on the adapters"
+            f" -> adapters/{self.name}/{plan.tag}"
+        )
+        plan.resume_keys["lora"] = cfg.to_dict() | {"lr": o.lora_lr}
+        plan.meta["lora"] = cfg.to_dict()
+        return plan
+
+    def run_dir(self, tag: str) -> Path:
+        return self.home.adapter_dir(self.name, tag) if self.opts.lora_rank else super().run_dir(tag)
+
+    def build_optimizer(self, model: Any) -> Any:
+        if not self.opts.lora_rank:
+            return super().build_optimizer(model)
+        from nanoctl.model.lora import lora_parameters
+        from nanoctl.optim import MuonAdamW
+
+        # AdamW, not Muon: A and B are thin factors whose product is the update; LoRA's LRs and
+        # practice (and PEFT's) are AdamW's, and Muon's orthogonalized steps on a factor pair are untested.
+        lr = self.opts.lora_lr
+        optimizer = MuonAdamW([dict(kind="adamw", name="lora", params=lora_parameters(model), lr=lr,
+                                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, initial_lr=lr)])
+        return optimizer
+
+    def model_state(self, model: Any) -> dict[str, Any] | None:
+        if not self.opts.lora_rank:
+            return None
+        from nanoctl.model.lora import adapter_state_dict
+
+        return adapter_state_dict(model)
+
+    def load_model_state(self, model: Any, state: dict[str, Any]) -> None:
+        if not self.opts.lora_rank:
+            return super().load_model_state(model, state)
+        from nanoctl.model.lora import load_adapter_state
+
+        load_adapter_state(model, state)
+
+    def after_save(self, run: Run) -> None:
+        if self.opts.lora_rank and run.master:
+            from nanoctl.model.lora import save_adapter
+
+            # PEFT's files track the newest checkpoint, so the directory is usable (--lora) at any time.
+            save_adapter(run.directory, run.model, {"stage": self.name, "tag": run.plan.tag, "step": run.step,
+                                                    "parent": run.plan.parent})
 
     def result(self, run: Run) -> dict[str, Any]:
         state = self.state()

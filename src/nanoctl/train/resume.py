@@ -43,9 +43,11 @@ def save_training_checkpoint(
     meta: dict[str, Any],
     info: DistInfo,
     keep_last: int = 0,
+    model_state: dict[str, Any] | None = None,
 ) -> Path:
     """Every rank writes its optimizer shard; after a barrier rank 0 writes model + meta (meta last,
-    marking the step complete), then prunes to the newest `keep_last` steps."""
+    marking the step complete), then prunes to the newest `keep_last` steps. `model_state` replaces the
+    model's whole state dict (a LoRA run saves its adapters only)."""
     from nanoctl.checkpoint import prune_checkpoints, save_checkpoint
     from nanoctl.dist import barrier
 
@@ -53,7 +55,8 @@ def save_training_checkpoint(
         save_checkpoint(directory, step, None, optimizer.state_dict(), None, rank=info.rank)
     barrier()  # every shard is on disk before rank 0 writes meta (which marks the step complete)
     if info.rank == 0:
-        save_checkpoint(directory, step, unwrap(model).state_dict(), optimizer.state_dict(), meta, rank=0)
+        state = unwrap(model).state_dict() if model_state is None else model_state
+        save_checkpoint(directory, step, state, optimizer.state_dict(), meta, rank=0)
         if keep_last > 0:
             prune_checkpoints(directory, keep_last)
     barrier()

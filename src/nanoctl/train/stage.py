@@ -184,6 +184,29 @@ class Stage:
     def plan(self) -> Plan:
         raise NotImplementedError
 
+    def make_plan(self) -> Plan:
+        """The plan the framework uses: the stage's own, plus what a base class adds (PostStage: LoRA)."""
+        return self.plan()
+
+    def run_dir(self, tag: str) -> Path:
+        """Where this run's checkpoints go (PostStage with LoRA: the adapter directory)."""
+        return self.home.checkpoint_dir(self.name, tag)
+
+    def build_optimizer(self, model: Any) -> Any:
+        """The optimizer over what trains (default: every parameter, Muon + AdamW)."""
+        return setup_optimizer(model, *self.optimizer_settings())
+
+    def model_state(self, model: Any) -> dict[str, Any] | None:
+        """What a checkpoint's model_<step>.pt holds (None: the whole state dict)."""
+        return None
+
+    def load_model_state(self, model: Any, state: dict[str, Any]) -> None:
+        """Restore what `model_state` saved."""
+        model.load_state_dict(state)
+
+    def after_save(self, run: Run) -> None:
+        """After each checkpoint (every rank): extra files beside it (PostStage with LoRA: PEFT's)."""
+
     def report_dir(self, tag: str) -> Path:
         return self.home.report_dir(tag) / self.name
 
@@ -268,7 +291,7 @@ def run_stage(stage_cls: type[Stage], opts: Any, home: Any = None) -> StageResul
         from nanoctl.device import resolve_device
 
         stage = stage_cls(opts, home, resolve_device(opts.device), opts.nproc_per_node * opts.nnodes)
-        plan = stage.plan()
+        plan = stage.make_plan()
         stage.check_every()
         if opts.nproc_per_node > 1 or opts.nnodes > 1:
             plan.details["torchrun_command"] = _launch_command(stage_cls, opts)
@@ -299,7 +322,7 @@ def _launch_command(stage_cls: type[Stage], opts: Any) -> str:
 
 
 def _planned_result(stage: Stage, plan: Plan) -> StageResult:
-    directory = stage.home.checkpoint_dir(stage.name, plan.tag)
+    directory = stage.run_dir(plan.tag)
     return StageResult(stage.name, plan.tag, str(directory), plan.parent, 0, plan.num_steps, skipped=True,
                        plan=plan.lines, details=jsonable(plan.details))
 
@@ -311,7 +334,7 @@ def _result_from_checkpoint(stage: Stage, plan: Plan, wall0: float) -> StageResu
     from nanoctl.checkpoint import meta_path
     from nanoctl.train.resume import find_resume_step
 
-    directory = stage.home.checkpoint_dir(stage.name, plan.tag)
+    directory = stage.run_dir(plan.tag)
     step = find_resume_step(directory)
     meta = json.loads(meta_path(directory, step).read_text()) if step is not None else {}
     return _result_from_meta(stage.name, plan, directory, meta, wall0, skipped=False)
@@ -355,7 +378,7 @@ def prepare_output(stage: Stage, plan: Plan, master: bool) -> Output:
     from nanoctl.train.resume import config_diff, find_resume_step
 
     opts = stage.opts
-    directory = stage.home.checkpoint_dir(stage.name, plan.tag)
+    directory = stage.run_dir(plan.tag)
     resume_step = find_resume_step(directory)
     if opts.force and resume_step is not None:
         if master:
@@ -466,7 +489,8 @@ class Run:
             **self.stage.state(),
         }
         save_training_checkpoint(self.directory, self.step, self.model, self.optimizer, jsonable(meta),
-                                 self.info, self.stage.o.keep_last)
+                                 self.info, self.stage.o.keep_last, self.stage.model_state(self.model))
+        self.stage.after_save(self)
         self.last_saved = self.step
         self.print(f"saved checkpoint {self.directory}/model_{self.step:06d}.pt")
 
@@ -479,7 +503,7 @@ def _train(stage_cls: type[Stage], opts: Any, home: Home, info: DistInfo, wall0:
     threads = set_cpu_threads(opts.threads) if info.device.type == "cpu" else None
     dtype, reason = compute_dtype_with_reason(info.device, opts.dtype)
     stage = stage_cls(opts, home, info.device, info.world_size)
-    plan = stage.plan()
+    plan = stage.make_plan()
     stage.check_every()
     say(f"nanoctl {stage.command}: {plan.tag} on {device_name(info.device)} ({info.device.type},"
         f" {info.world_size} process(es))", info.is_master)
@@ -487,7 +511,7 @@ def _train(stage_cls: type[Stage], opts: Any, home: Home, info: DistInfo, wall0:
         + (f"; {threads} CPU threads" if threads else ""), info.is_master)
     for line in plan.lines:
         say(line, info.is_master)
-    directory = home.checkpoint_dir(stage.name, plan.tag)
+    directory = stage.run_dir(plan.tag)
     with _run_lock(directory, info.is_master):
         out = prepare_output(stage, plan, info.is_master)
         if out.done:
@@ -511,7 +535,7 @@ def _build(run: Run) -> None:
 
     stage, out, info = run.stage, run.out, run.info
     run.model, run.tokenizer = stage.load_model(run)
-    run.optimizer = setup_optimizer(run.model, *stage.optimizer_settings())
+    run.optimizer = stage.build_optimizer(run.model)
     loader_state = _restore(run) if out.resume_step is not None else None
     run.scaler = LossScaler(run.dtype == torch.float16, run.loop.loss_scaler)  # fp16 only, as nanochat
     stage.start(run, out.saved_meta, loader_state)
@@ -561,7 +585,7 @@ def _restore(run: Run) -> dict[str, Any] | None:
     model_sd, optim_sd, meta = load_checkpoint(
         run.directory, run.out.resume_step, device=run.device, load_optimizer=True, rank=info.rank
     )
-    run.model.load_state_dict(model_sd)
+    run.stage.load_model_state(run.model, model_sd)
     run.optimizer.load_state_dict(optim_sd)
     del model_sd, optim_sd
     run.loop = LoopState.from_dict(meta.get("loop_state"))
