@@ -37,7 +37,18 @@ class PretrainOptions(StageOptions):
     window_pattern: str | None = option(
         None, help="Sliding-window pattern tiled over layers, L=full S=short.", panel=MODEL
     )
-    arch: str = option("current", help="current (nanochat HEAD) or classic (Oct 2025, = HF NanoChat).", panel=MODEL)
+    arch: str = option(
+        "current", help="current (nanochat HEAD), classic (Oct 2025, = HF NanoChat) or deepseek (MLA + MoE).",
+        panel=MODEL,
+    )
+    scale: str | None = option(
+        None, help="deepseek: nanoDeepSeek's preset, small|base|large (depth/width/heads/experts/top-k).", panel=MODEL
+    )
+    experts: int | None = option(None, help="deepseek: routed experts per MoE layer (default 8).", panel=MODEL)
+    top_k: int | None = option(None, help="deepseek: routed experts per token (default 2).", panel=MODEL)
+    shared_experts: int | None = option(None, help="deepseek: always-on shared experts (default 1).", panel=MODEL)
+    kv_lora_rank: int | None = option(None, help="deepseek: MLA latent size (default width/4).", panel=MODEL)
+    mtp_depth: int | None = option(None, help="deepseek: multi-token prediction modules, 0 or 1 (default 0).", panel=MODEL)
     # horizon (precedence: num_iterations > target_flops > target_param_data_ratio)
     num_iterations: int | None = option(
         None, help="Optimizer steps; wins over the other horizon flags (-1 = from them).", panel=HORIZON
@@ -97,11 +108,44 @@ CPU_PRESET = PretrainOptions(
     lr_scale=LR_SCALE_CPU,
 )
 PRESETS = {"CUDA": GPU_PRESET, "CPU": CPU_PRESET}
+# nanoDeepSeek's scales (reference §C.1): layers/width/heads 6/384/4, 12/768/6, 24/1536/12 with 8/16/32
+# experts, top-2/4/6. Its n_kv_head (4/6/6) has no meaning under MLA, whose K/V are one shared latent.
+DEEPSEEK_SCALES = {
+    "small": PretrainOptions(depth=6, head_dim=96, experts=8, top_k=2),
+    "base": PretrainOptions(depth=12, head_dim=128, experts=16, top_k=4),
+    "large": PretrainOptions(depth=24, head_dim=128, experts=32, top_k=6),
+}
+DEEPSEEK_FLAGS = ("scale", "experts", "top_k", "shared_experts", "kv_lora_rank", "mtp_depth")
+
+
+def _apply_scale(opts: PretrainOptions) -> PretrainOptions:
+    """--scale's preset under the user's own flags; the deepseek flags refused for a dense arch."""
+    if opts.arch != "deepseek":
+        given = [f"--{name.replace('_', '-')}" for name in DEEPSEEK_FLAGS if getattr(opts, name) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to --arch deepseek (got --arch {opts.arch})",
+                             "add --arch deepseek, or drop them")
+        return opts
+    if opts.scale is None:
+        return opts
+    if opts.scale not in DEEPSEEK_SCALES:
+        raise UsageError(f"--scale {opts.scale!r} is unknown", f"use one of: {', '.join(DEEPSEEK_SCALES)}")
+    return apply_preset(opts, DEEPSEEK_SCALES[opts.scale])  # widths = depth x the default aspect ratio 64
+
+
+def deepseek_fields(o: PretrainOptions) -> dict[str, Any]:
+    """The GPTConfig fields the deepseek flags set (none for a dense arch; unset = the config's default)."""
+    if o.arch != "deepseek":
+        return {}
+    pairs = (("n_experts", o.experts), ("top_k", o.top_k), ("n_shared_experts", o.shared_experts),
+             ("kv_lora_rank", o.kv_lora_rank), ("mtp_depth", o.mtp_depth))
+    return {k: v for k, v in pairs if v is not None}
 
 
 def resolve_options(opts: PretrainOptions, device_type: str) -> tuple[PretrainOptions, str]:
     """The options with the device preset applied, and the preset's name."""
     preset = "gpu" if device_type == "cuda" else "cpu"
+    opts = _apply_scale(opts)
     if preset == "cpu" and opts.num_iterations is None and opts.target_flops > 0:
         from dataclasses import replace
 
@@ -208,15 +252,22 @@ def plan_pretrain(opts: PretrainOptions, vocab_size: int, device_type: str, worl
         if val < 1:
             raise UsageError(f"{name} must be >= 1, got {val}")
     shape = (vocab_size, o.max_seq_len, o.aspect_ratio, o.head_dim, o.window_pattern, o.arch)
-    config = config_for_depth(o.depth, *shape)
+    variant = deepseek_fields(o)
+    config = config_for_depth(o.depth, *shape, **variant)
     model = _meta_model(config)
     params = model.num_scaling_params()
     flops_per_token = model.estimate_flops()
-    scaling = params["transformer_matrices"] + params["lm_head"]
-    ref = _meta_model(config_for_depth(REF_DEPTH, *shape)).num_scaling_params()
+    scaling = params["scaling"]  # matrices + lm_head (MoE: the active ones)
+    ref = _meta_model(config_for_depth(REF_DEPTH, *shape, **variant)).num_scaling_params()
     ratio = o.target_param_data_ratio
     target_tokens = int(ratio * scaling)
-    d_ref = ratio * (ref["transformer_matrices"] + ref["lm_head"])
+    d_ref = ratio * ref["scaling"]
+    notes = []
+    if o.arch == "deepseek":
+        from nanoctl.model.deepseek import describe
+
+        notes.append(describe(config))
+    notes.append(f"KV cache: {model.kv_bytes_per_token(2):,} bytes/token in bf16 ({model.kv_bytes_per_token(4):,} in fp32)")
 
     B, T = o.device_batch_size, o.max_seq_len
     per_step = B * T * world_size
@@ -246,7 +297,7 @@ def plan_pretrain(opts: PretrainOptions, vocab_size: int, device_type: str, worl
         batch_lr_scale=batch_lr_scale,
         weight_decay=o.weight_decay * math.sqrt(total / B_REF) * (d_ref / target_tokens), lrs=lrs,
         warmup_steps=o.warmup_steps, eval_every=o.eval_every, eval_tokens=o.eval_tokens,
-        sample_every=o.sample_every, core_metric_every=o.core_metric_every, vocab_size=vocab_size,
+        sample_every=o.sample_every, core_metric_every=o.core_metric_every, vocab_size=vocab_size, notes=notes,
     )
 
 
