@@ -8,8 +8,9 @@ checkpoint directory (`model_<step>.pt` + `meta_<step>.json`). Each complete ste
 
 The weights file is copied (or linked with `link`: a hard link, else a symlink, else a copy) and never
 rewritten: nanochat's `_orig_mod.` key prefixes are stripped when it is loaded (checkpoint.load_checkpoint).
-Our meta is written last, next to it: nanochat's meta fields, the validated `model_config` with its
-`arch`, the file's size and sha256 (`files`, computed from the source when linked, so load-time checks
+Our meta is written last, next to it: nanochat's meta (whole under `nanochat_meta`; at the top the fields
+our stages read), the validated `model_config` with its `arch`, `final` (a stage writing there refuses
+instead of resuming), the file's size and sha256 (`files`, computed from the source when linked, so load-time checks
 hold), and `imported_from` (source path, nanochat stage directory, tag, step, how it came). The tokenizer
 (a pickled tiktoken Encoding) goes next to the weights together with a `tokenizer.json`, so later use
 needs no pickle, and into `<home>/tokenizer/` when the home has none.
@@ -71,8 +72,8 @@ class ImportNanochatOptions:
     force: bool = option(False, help="Replace destination steps that hold something else.", panel=OUTPUT)
     stage: str | None = option(
         None,
-        help="Stage of a single checkpoint directory: base, mid, sft, rl (unset: from its parent"
-        " directory's nanochat name).",
+        help="Import only this stage: base, mid, sft, rl. A single checkpoint directory outside nanochat's"
+        " layout needs it (inside, its parent's name says: chatsft_checkpoints = sft).",
         panel=START,
     )
     tag: str | None = option(None, help="Import only this tag (e.g. d20); it keeps its name.", panel=START)
