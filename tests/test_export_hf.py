@@ -142,6 +142,30 @@ def test_peft_module_names(exported: tuple[GPT, Path]) -> None:
     assert {"model.layers.0.mlp.fc1", "model.layers.0.mlp.fc2", "lm_head"} <= names
 
 
+def test_remote_model_trains_with_peft_and_saves(tmp_path: Path) -> None:
+    """The remote-code model takes LoRA adapters (a loss, gradients on the adapters only) and
+    save_pretrained writes a directory that loads back to the same logits, remote code included."""
+    peft = pytest.importorskip("peft")
+    m = _model("current")
+    write_hf_directory(tmp_path / "hf", m.state_dict(), m.config, tiny_tokenizer())
+    hf = _load(tmp_path / "hf")
+    idx = _prompt(48)
+    hf.save_pretrained(tmp_path / "again")
+    assert set(REMOTE_CODE_FILES) <= {p.name for p in (tmp_path / "again").iterdir()}
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "again")(input_ids=idx).logits, m(idx), atol=1e-4, rtol=0)
+        # labels = input_ids (HF shifts them): the same mean loss as ours on the shifted targets
+        theirs = hf(input_ids=idx, labels=idx).loss
+        torch.testing.assert_close(theirs, m(idx[:, :-1], targets=idx[:, 1:]), atol=1e-4, rtol=0)
+    lora = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1"]))
+    loss = lora(input_ids=idx, labels=idx).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n for n, p in lora.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert any("layers.2.self_attn.v_proj.lora_B" in n for n in grads)
+
+
 def test_pipeline_replies(exported: tuple[GPT, Path]) -> None:
     _, out = exported
     pipe = transformers.pipeline("text-generation", model=str(out), trust_remote_code=True, device="cpu")
