@@ -387,3 +387,28 @@ def test_posttraining_keeps_the_imported_tokenizer(nanochat_dir: Path, home: Pat
     _, tok, _ = load_model(stage="sft", tag="tuned", device="cpu", home=home)
     text = "hello there, see you soon"
     assert tok.encode(text) == tiny_tokenizer().encode(text)
+
+
+def test_unpadded_vocab_of_old_nanochat(home: Path, tmp_path: Path) -> None:
+    """nanochat before Dec 2025 kept wte/lm_head at exactly vocab_size rows; we pad them when loading."""
+    from nanoctl.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_from_iterator(iter(["abc abd abe hello there " * 50]), 300)
+    assert tok.get_vocab_size() % 64
+    base = tmp_path / "nanochat"
+    (base / "tokenizer").mkdir(parents=True)
+    with open(base / "tokenizer" / "tokenizer.pkl", "wb") as f:
+        pickle.dump(tok.enc, f)
+    config = dataclasses.replace(tiny_config(), arch="classic", vocab_size=tok.get_vocab_size())
+    model = random_model(config, seed=3)
+    d = base / "base_checkpoints" / "d2"
+    nanochat_save(d, model, 10, compiled=False)
+    state = torch.load(d / "model_000010.pt", weights_only=True)
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        state[k] = state[k][: config.vocab_size]
+    torch.save(state, d / "model_000010.pt")
+    import_nanochat(base, ImportNanochatOptions(), home=Home(home))
+    loaded, _, _ = load_model(stage="base", device="cpu", home=home)
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(model.transformer.wte.weight.to(torch.bfloat16))  # as saved
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)

@@ -537,6 +537,21 @@ def _infer_arch(model_config: dict[str, Any], state: dict[str, Any]) -> dict[str
     return cfg
 
 
+def pad_vocab_rows(state: dict[str, Any], vocab_size: int, padded: int) -> dict[str, Any]:
+    """nanochat before Dec 2025 did not pad the vocab to a multiple of 64: give its vocab-sized tables
+    (wte, lm_head) the padded rows our model has, as zeros (the padded logits are cropped anyway)."""
+    import torch
+
+    if padded == vocab_size:
+        return state
+    out = dict(state)
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        v = state.get(k)
+        if v is not None and v.shape[0] == vocab_size:
+            out[k] = torch.cat([v, v.new_zeros(padded - vocab_size, *v.shape[1:])])
+    return out
+
+
 def load_model(
     ref: CheckpointRef | None = None,
     *,
@@ -577,7 +592,7 @@ def load_model(
         )
     model = build_model(config, device=device, dtype=dtype)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(pad_vocab_rows(state, config.vocab_size, model.padded_vocab_size), strict=True)
     except RuntimeError as e:
         raise NanoctlError(
             f"checkpoint {ref.label} does not fit the model built from its meta: {str(e).splitlines()[0]}",

@@ -238,10 +238,12 @@ def _check_state(state: dict[str, Any], config: Any, path: Path) -> None:
             "nanoctl loads nanochat's classic (Oct 2025) and current architectures; this checkpoint comes from "
             "another nanochat version or a fork",
         )
+    unpadded = {"transformer.wte.weight", "lm_head.weight"}  # old nanochat: vocab rows, padded on load
     for k, shape in want.items():
-        if tuple(state[k].shape) != shape:
+        got = tuple(state[k].shape)
+        if got != shape and not (k in unpadded and got == (config.vocab_size, *shape[1:])):
             raise NanoctlError(
-                f"{path}: {k} has shape {tuple(state[k].shape)}, the {arch} model its meta describes needs {shape}",
+                f"{path}: {k} has shape {got}, the {arch} model its meta describes needs {shape}",
                 "the weights and meta_<step>.json do not belong together, or the checkpoint comes from a fork",
             )
 
