@@ -6,10 +6,13 @@ Shipped next to modeling_nanoctl.py in every exported directory and loaded with
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers < 5 spells it PretrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 
-class NanoctlConfig(PretrainedConfig):
+class NanoctlConfig(PreTrainedConfig):
     """nanochat's current architecture (value embeddings, sliding windows, smear, backout, scalars).
 
     `window_sizes[i]`: how far back layer i's queries see (a key at distance <= window is visible);
