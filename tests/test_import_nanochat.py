@@ -412,3 +412,12 @@ def test_unpadded_vocab_of_old_nanochat(home: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         model.transformer.wte.weight.copy_(model.transformer.wte.weight.to(torch.bfloat16))  # as saved
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)
+
+
+def test_not_beside_a_running_stage(nanochat_dir: Path, home: Path) -> None:
+    from nanoctl.checkpoint import lock_run_dir
+
+    with lock_run_dir(home / "checkpoints" / "sft" / "d2", "nanoctl sft"):  # a training run writing there
+        with pytest.raises(NanoctlError, match="in use by another training run"):
+            import_nanochat(nanochat_dir, ImportNanochatOptions(stage="sft"), home=Home(home))
+    assert not list((home / "checkpoints" / "sft" / "d2").glob("model_*"))

@@ -392,6 +392,64 @@ def _existing(step: _Step, home: Home) -> tuple[str, dict[str, Any] | None]:
     return ("unchanged" if same else "conflict"), meta
 
 
+def _write_step(
+    s: _Step, dest: Path, tok: Tokenizer, tok_src: Path, opts: ImportNanochatOptions
+) -> tuple[str, list[str]]:
+    """Put one step's files into `dest`, then its meta (last: it marks the step complete); (method, notes)."""
+    from nanoctl import __version__
+    from nanoctl.atomic import atomic_write_json
+    from nanoctl.checkpoint import meta_path, model_path
+
+    meta_path(dest, s.step).unlink(missing_ok=True)  # a replaced step stops counting as complete first
+    names = [model_path(s.source, s.step)]
+    if opts.optimizer:
+        names += sorted(s.source.glob(f"optim_{s.step:06d}_rank*.pt"))
+    else:  # a replaced step's shards are not the import's
+        for stale in dest.glob(f"optim_{s.step:06d}_rank*.pt"):
+            stale.unlink()
+    files: dict[str, dict[str, Any]] = {}
+    methods: set[str] = set()
+    try:
+        for path in names:
+            files[path.name], how = _put(path, dest / path.name, opts.link)
+            methods.add(how)
+        _write_tokenizer(tok, tok_src, dest)
+    except OSError as e:
+        raise NanoctlError(
+            f"cannot write into {dest}: {e.strerror or e}",
+            "free space or point --home elsewhere; nothing of this step counts as imported",
+        ) from e
+    notes = []
+    if opts.link and "copy" in methods:
+        notes.append(f"{s.label}: could not link {s.source} (neither hard link nor symlink): copied")
+    elif "symlink" in methods:
+        notes.append(f"{s.label}: symlinked (another filesystem); it breaks if {s.source} moves")
+    method = "copy" if methods == {"copy"} else sorted(methods)[0]
+    meta = {
+        "step": s.step,
+        "stage": s.stage,
+        "model_config": s.config,
+        **{k: s.meta[k] for k in LIFTED_META if k in s.meta},
+        "parent": None,  # nanochat records no lineage between its stages
+        "final": True,  # a finished checkpoint: a stage writing here refuses it instead of resuming it
+        "nanoctl_version": __version__,
+        "imported_from": {
+            "kind": "nanochat",
+            "source": str(s.source),
+            "nanochat_dir": s.nanochat_dir,
+            "tag": s.tag,
+            "step": s.step,
+            "model": _stat(model_path(s.source, s.step)),
+            "method": method,
+            "tokenizer": str(tok_src),
+        },
+        "nanochat_meta": s.meta,
+        "files": files,
+    }
+    atomic_write_json(meta_path(dest, s.step), meta)
+    return method, notes
+
+
 def import_nanochat(
     src: str | os.PathLike[str],
     opts: ImportNanochatOptions,
@@ -402,9 +460,7 @@ def import_nanochat(
     Returns a summary: source, tokenizer {source, home}, checkpoints [{stage, tag, step, directory, arch,
     status (imported | unchanged | replaced), method (copy | hardlink | symlink)}], notes. An entry point:
     `home` is resolved here."""
-    from nanoctl import __version__
-    from nanoctl.atomic import atomic_write_json
-    from nanoctl.checkpoint import meta_path, model_path
+    from nanoctl.checkpoint import lock_run_dir
     from nanoctl.tokenizer import Tokenizer
 
     home = Home.resolve(home)
@@ -460,61 +516,11 @@ def import_nanochat(
         if status == "unchanged":
             results.append({**entry, "status": "unchanged", "method": None})
             continue
-        dest.mkdir(parents=True, exist_ok=True)
-        meta_path(dest, s.step).unlink(missing_ok=True)  # a replaced step stops counting as complete first
-        names = [model_path(s.source, s.step)]
-        if opts.optimizer:
-            names += sorted(s.source.glob(f"optim_{s.step:06d}_rank*.pt"))
-        files: dict[str, dict[str, Any]] = {}
-        methods: set[str] = set()
-        try:
-            for path in names:
-                files[path.name], how = _put(path, dest / path.name, opts.link)
-                methods.add(how)
-            _write_tokenizer(tok, tok_src, dest)
-        except OSError as e:
-            raise NanoctlError(
-                f"cannot write into {dest}: {e.strerror or e}",
-                "free space or point --home elsewhere; nothing of this step counts as imported",
-            ) from e
-        if opts.link and "copy" in methods:
-            notes.append(f"{s.label}: could not link {s.source} (neither hard link nor symlink): copied")
-        elif "symlink" in methods:
-            notes.append(f"{s.label}: symlinked (another filesystem); it breaks if {s.source} moves")
-        meta = {
-            "step": s.step,
-            "stage": s.stage,
-            "model_config": s.config,
-            **{k: s.meta[k] for k in LIFTED_META if k in s.meta},
-            "parent": None,
-            "final": True,  # a finished checkpoint: a stage writing here refuses it instead of resuming it
-            "nanoctl_version": __version__,
-            "imported_from": {
-                "kind": "nanochat",
-                "source": str(s.source),
-                "nanochat_dir": s.nanochat_dir,
-                "tag": s.tag,
-                "step": s.step,
-                "model": _stat(model_path(s.source, s.step)),
-                "method": "copy" if methods == {"copy"} else sorted(methods)[0],
-                "tokenizer": str(tok_src),
-            },
-            "nanochat_meta": s.meta,
-            "files": files,
-        }
-        atomic_write_json(meta_path(dest, s.step), meta)  # last: marks the step complete
-        if not opts.optimizer:
-            for stale in dest.glob(
-                f"optim_{s.step:06d}_rank*.pt"
-            ):  # a replaced step's shards are not its own
-                stale.unlink()
-        replaced = status == "conflict"
+        with lock_run_dir(dest, f"nanoctl import nanochat {s.source}"):  # not beside a training run
+            method, note = _write_step(s, dest, tok, tok_src, opts)
+        notes += note
         results.append(
-            {
-                **entry,
-                "status": "replaced" if replaced else "imported",
-                "method": meta["imported_from"]["method"],
-            }
+            {**entry, "status": "replaced" if status == "conflict" else "imported", "method": method}
         )
 
     home_tok = "written"
