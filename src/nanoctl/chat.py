@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import UsageError
 from nanoctl.home import Home
+from nanoctl.inference_options import check_quantize, quantize_option
 
 if TYPE_CHECKING:
     from nanoctl.checkpoint import CheckpointRef
@@ -50,6 +51,7 @@ class ChatOptions:
     dtype: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)  # /temp, /topk, ... replace it
     system: str | None = None
+    quantize: str = quantize_option()  # int8: nanoctl.model.quantize
 
     def validate(self) -> None:
         if self.stage is not None and self.stage not in CHAT_STAGES:
@@ -58,6 +60,7 @@ class ChatOptions:
             )
         if self.step is not None and self.step < 0:
             raise UsageError(f"--step {self.step} must be >= 0")
+        check_quantize(self.quantize, self.device, self.dtype)
 
 
 @dataclass
@@ -99,11 +102,16 @@ def load_chat_model(opts: ChatOptions, *, home: Home | str | os.PathLike[str] | 
 
     device = resolve_device(opts.device)
     dtype = compute_dtype(device, opts.dtype)
+    check_quantize(opts.quantize, device, dtype)
     if opts.checkpoint:
         ref = resolve_checkpoint_path(opts.checkpoint, opts.step)
     else:
         ref = find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
     model, tokenizer, meta = load_model(ref, device=device, dtype=dtype, home=home, phase="eval")
+    if opts.quantize != "none":
+        from nanoctl.model.quantize import quantize_model
+
+        quantize_model(model, opts.quantize)
     return LoadedModel(model, tokenizer, Engine(model, tokenizer), meta, ref, str(device), dtype_name(dtype))
 
 

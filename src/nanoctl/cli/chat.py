@@ -12,13 +12,13 @@ from typing import Annotated, Any
 
 import typer
 
-from nanoctl.cli.common import JsonOption, err, home_of
+from nanoctl.cli.common import QUANTIZE, JsonOption, QuantizeOption, err, home_of
 from nanoctl.engine import SamplingParams  # torch-free at import: the options' defaults come from it
 from nanoctl.errors import NanoctlError, UsageError
 
 _SAMPLING = SamplingParams()  # the one set of sampling defaults (nanochat's chat ones)
 _TOP_P = 1.0 if _SAMPLING.top_p is None else _SAMPLING.top_p  # off (None) is spelled 1 on the command line
-_LOCAL_ONLY = ("stage", "tag", "step", "checkpoint", "device", "dtype")  # options that pick a local model
+_LOCAL_ONLY = ("stage", "tag", "step", "checkpoint", "device", "dtype", "quantize")  # options that pick a local model
 
 
 def _stdin_is_tty() -> bool:
@@ -72,6 +72,7 @@ def chat(
         str | None,
         typer.Option("--dtype", help="bfloat16|float16|float32 (default: bf16 on CUDA SM80+, else fp32)."),
     ] = None,
+    quantize: QuantizeOption = QUANTIZE,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 = greedy.")
     ] = _SAMPLING.temperature,
@@ -144,6 +145,7 @@ def chat(
         dtype=dtype,
         sampling=settings,
         system=system,
+        quantize=quantize,
     )
     opts.validate()  # usage errors before the (slow) model load
     if json_output and plain:

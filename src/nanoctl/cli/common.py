@@ -15,6 +15,7 @@ from rich.console import Console
 
 from nanoctl.errors import NanoctlError
 from nanoctl.home import Home
+from nanoctl.inference_options import QUANTIZE_DEFAULT, QUANTIZE_HELP
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -155,6 +156,9 @@ DtypeOption = Annotated[
         show_default=False,
     ),
 ]
+# The options dataclasses declare it with nanoctl.inference_options.quantize_option (same help)
+QuantizeOption = Annotated[str, typer.Option("--quantize", help=QUANTIZE_HELP, rich_help_panel=RUNTIME_PANEL)]
+QUANTIZE = QUANTIZE_DEFAULT  # its default, for the hand-written commands (chat, eval chat)
 ThreadsOption = Annotated[
     int | None,
     typer.Option(

@@ -18,6 +18,7 @@ from nanoctl.cli.common import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    QuantizeOption,
     field_default,
     home_of,
     out,
@@ -174,6 +175,7 @@ def eval_chat_cmd(
     checkpoint: Checkpoint = _chat("checkpoint"),
     device: DeviceOption = _chat("device"),
     dtype: DtypeOption = _chat("dtype"),
+    quantize: QuantizeOption = _chat("quantize"),
     unsafe_exec: Annotated[
         bool,
         typer.Option(
@@ -207,6 +209,7 @@ def eval_chat_cmd(
             data_dir=str(data_dir) if data_dir else None,
             device=device,
             dtype=dtype,
+            quantize=quantize,
             progress=not no_progress and not json_output,
             unsafe_exec=unsafe_exec,
         ),

@@ -16,6 +16,7 @@ from typing import Any
 
 from nanoctl.errors import UsageError
 from nanoctl.home import Home
+from nanoctl.inference_options import check_quantize, quantize_option
 from nanoctl.options import DATA, MODEL, OUTPUT, RUNTIME, apply_preset, option
 
 BASE_EVALS = ("core", "bpb", "sample")
@@ -63,6 +64,7 @@ class BaseEvalOptions:
     dtype: str | None = option(
         None, help="Compute dtype: bfloat16, float16 or float32 (unset: bf16 on CUDA SM80+, else fp32)."
     )
+    quantize: str = quantize_option()  # int8: records as <stage>-int8 beside the fp32 results
     progress: bool = option(True, help="Show progress (--no-progress: results only).")
     dry_run: bool = option(
         False, help="Print what would be evaluated and a time estimate (measured on a few batches), then exit."
@@ -108,6 +110,7 @@ class BaseEvalResult:
 
 
 def _validate_evals(opts: BaseEvalOptions) -> None:
+    check_quantize(opts.quantize, opts.device, opts.dtype)
     evals = [e.strip() for item in opts.evals for e in str(item).split(",") if e.strip()]
     bad = [e for e in evals if e not in BASE_EVALS]
     if bad or not evals:
@@ -360,10 +363,17 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
         else find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
     )
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
+    check_quantize(opts.quantize, info.device, dtype)
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
     model.eval()
     plan = plan_eval(opts, preset, ref, model, dtype, bundle_dir, info.world_size)
-    result = BaseEvalResult(stage=ref.stage, tag=ref.tag, step=ref.step, dry_run=opts.dry_run)
+    stage = ref.stage
+    if opts.quantize != "none":  # after the plan: it counts the checkpoint's own parameters
+        from nanoctl.model.quantize import quantize_model
+
+        quantize_model(model, opts.quantize)
+        stage = f"{stage}-{opts.quantize}"  # its own record (eval_base_base-int8_*): fp32's stays
+    result = BaseEvalResult(stage=stage, tag=ref.tag, step=ref.step, dry_run=opts.dry_run)
     if opts.dry_run:
         plan.estimate = estimate_eval(plan, opts, model, tokenizer, info.device, bundle_dir, info.world_size,
                                       time.perf_counter() - t0)
@@ -441,7 +451,7 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
     result.seconds = time.perf_counter() - t0
     record = EvalRecord(
         kind="base",
-        stage=ref.stage,
+        stage=stage,
         tag=ref.tag,
         step=ref.step,
         model=model_summary(meta),
@@ -454,6 +464,7 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
             "device_batch_size": opts.device_batch_size,
             "split_tokens": opts.split_tokens,
             "dtype": str(dtype).removeprefix("torch."),
+            "quantize": opts.quantize,
             "world_size": info.world_size,
         },
         results={"core": result.core, "bpb": result.bpb, "samples": result.samples},

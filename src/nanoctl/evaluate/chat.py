@@ -22,6 +22,7 @@ from typing import Any
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.home import Home
+from nanoctl.inference_options import check_quantize, quantize_option
 
 ProgressFn = Callable[[int, int, float], None]  # (problems done, total, running accuracy)
 CHAT_STAGES = ("rl", "sft", "mid")  # default: the newest of these
@@ -47,6 +48,7 @@ class ChatEvalOptions:
     progress: bool = True
     # Run HumanEval completions with the Python guard alone where the kernel sandbox is unavailable.
     unsafe_exec: bool = False
+    quantize: str = quantize_option()  # int8: records as <stage>-int8 beside the fp32 results
 
 
 @dataclass
@@ -309,6 +311,7 @@ def _validate(opts: ChatEvalOptions) -> None:
         raise UsageError(f"--batch-size {opts.batch_size} must be >= 1")
     if opts.max_problems is not None and opts.max_problems < 1:
         raise UsageError(f"--max-problems {opts.max_problems} must be >= 1")
+    check_quantize(opts.quantize, opts.device, opts.dtype)
     if opts.temperature < 0:
         raise UsageError(f"--temperature {opts.temperature} must be >= 0", "0 means greedy")
     if opts.top_k < 0:
@@ -343,13 +346,20 @@ def run_chat_eval(
     t0 = time.perf_counter()
     info = dist.init_distributed(opts.device)
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
+    check_quantize(opts.quantize, info.device, dtype)
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
+    stage = ref.stage
+    if opts.quantize != "none":
+        from nanoctl.model.quantize import quantize_model
+
+        quantize_model(model, opts.quantize)
+        stage = f"{stage}-{opts.quantize}"  # its own record (eval_chat_sft-int8_*): fp32's stays
     model.eval()
     engine = Engine(model, tokenizer)
     sampling = SamplingParams(
         temperature=opts.temperature, top_k=opts.top_k or None, max_tokens=opts.max_new_tokens
     )
-    result = ChatEvalResult(stage=ref.stage, tag=ref.tag, step=ref.step)
+    result = ChatEvalResult(stage=stage, tag=ref.tag, step=ref.step)
     bar = EvalProgress(enabled=opts.progress and info.is_master)
     try:
         for name, task, tinfo in tasks:
@@ -404,7 +414,7 @@ def run_chat_eval(
     result.seconds = time.perf_counter() - t0
     record = EvalRecord(
         kind="chat",
-        stage=ref.stage,
+        stage=stage,
         tag=ref.tag,
         step=ref.step,
         model=model_summary(meta),
@@ -417,6 +427,7 @@ def run_chat_eval(
             "top_k": opts.top_k,
             "batch_size": opts.batch_size,
             "dtype": str(dtype).removeprefix("torch."),
+            "quantize": opts.quantize,
             "world_size": info.world_size,
         },
         results={

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.home import Home
+from nanoctl.inference_options import check_quantize, quantize_option
 from nanoctl.options import DISTRIBUTED, RUNTIME, START, option
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class ServeOptions:
     dtype: str | None = option(
         None, help="bfloat16|float16|float32 (default: bf16 on CUDA SM80+, else fp32)."
     )
+    quantize: str = quantize_option()
     host: str = option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; use --api-key).")
     port: int = option(8000, help="TCP port (0: any free port, printed at start).")
     api_key: str | None = option(
@@ -130,6 +132,7 @@ class ServeOptions:
                 f"--gpus {self.gpus} places one replica on each of cuda:0..{self.gpus - 1}; --device {self.device} "
                 "cannot be combined with it", "leave --device at auto (or cuda)",
             )  # fmt: skip
+        check_quantize(self.quantize, "cuda" if self.gpus > 1 else self.device, self.dtype)
 
     def limits(self) -> Limits:
         from nanoctl.serve.protocol import Limits
@@ -246,7 +249,10 @@ def _load(opts: ServeOptions, home: Home, ref: Any, devices: list[str], state: S
         loaded = None
         for device in devices:
             loaded = load_chat_model(
-                ChatOptions(checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype),
+                ChatOptions(
+                    checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
+                    quantize=opts.quantize,
+                ),
                 home=home,
             )
             sched = Scheduler(
