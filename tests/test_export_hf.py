@@ -99,6 +99,30 @@ def test_left_padded_batch_generates_each_row_as_alone(tmp_path: Path) -> None:
         assert row[PROMPT_LEN:].tolist() == want
 
 
+def test_beam_search_and_a_manual_cache_loop(tmp_path: Path) -> None:
+    """Beams reorder the cache: the cached beam search equals the uncached one (full recompute). A
+    hand-written decode loop over a DynamicCache (no generate()) gives our logits at every step."""
+    from transformers.cache_utils import DynamicCache
+
+    m = _model("current")
+    write_hf_directory(tmp_path / "hf", m.state_dict(), m.config, tiny_tokenizer())
+    hf = _load(tmp_path / "hf")
+    idx = _prompt(PROMPT_LEN - 40)
+    beams = dict(num_beams=3, do_sample=False, max_new_tokens=10, min_new_tokens=10)
+    with torch.no_grad():
+        cached = hf.generate(idx, attention_mask=torch.ones_like(idx), use_cache=True, **beams)
+        uncached = hf.generate(idx, attention_mask=torch.ones_like(idx), use_cache=False, **beams)
+        assert cached.tolist() == uncached.tolist()
+
+        full = m(_prompt(PROMPT_LEN))
+        cache = DynamicCache(config=hf.config)
+        step = hf(input_ids=_prompt(PROMPT_LEN)[:, :150], cache=cache, use_cache=True).logits
+        got = [step]
+        for t in range(150, PROMPT_LEN):
+            got.append(hf(input_ids=_prompt(PROMPT_LEN)[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-4, rtol=0)
+
+
 def test_current_arch_sliding_window_is_exercised(tmp_path: Path) -> None:
     """The prompt is long enough that dropping the windows changes the logits (so the test above checks them)."""
     m = _model("current")

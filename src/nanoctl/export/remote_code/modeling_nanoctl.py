@@ -225,15 +225,26 @@ class NanoctlModel(NanoctlPreTrainedModel):
         self.embed_tokens = value
 
     def _smear(
-        self, x: torch.Tensor, cache: Cache | None, past: int, key_padding: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cache: Cache | None,
+        past: int,
+        key_padding: torch.Tensor | None,
+        prev_token_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Mix each position with the previous one; in decode the previous embedding comes from the cache.
+        """Mix each position with the previous one. After a cached prefix the previous token is
+        `prev_token_ids` (generate() passes it, so beam reordering is followed) or else the embedding this
+        cache saw last.
 
         With left padding (`key_padding`, 1 = real token over the cache slots), a pad is no previous token.
         """
         lam = self.smear_lambda.to(x.dtype)
         channels = self.config.smear_gate_channels
-        prev = getattr(cache, "nanoctl_prev_embedding", None) if cache is not None and past > 0 else None
+        prev = None
+        if past > 0 and prev_token_ids is not None:
+            prev = rms_norm(self.embed_tokens(prev_token_ids))
+        elif past > 0 and cache is not None:
+            prev = getattr(cache, "nanoctl_prev_embedding", None)
         if cache is not None:
             cache.nanoctl_prev_embedding = x[:, -1:, :].detach().clone()
         if prev is None:
@@ -256,6 +267,7 @@ class NanoctlModel(NanoctlPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        prev_token_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if input_ids is None:
@@ -279,7 +291,7 @@ class NanoctlModel(NanoctlPreTrainedModel):
             w: attention_mask_for(q_pos, past + T, w, key_padding) for w in set(self.config.window_sizes)
         }
 
-        x = self._smear(x, cache, past, key_padding)
+        x = self._smear(x, cache, past, key_padding, prev_token_ids)
         x0, x_backout = x, None
         for i, layer in enumerate(self.layers):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -326,6 +338,7 @@ class NanoctlForCausalLM(NanoctlPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        prev_token_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         out = self.model(
@@ -335,6 +348,7 @@ class NanoctlForCausalLM(NanoctlPreTrainedModel, GenerationMixin):
             cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            prev_token_ids=prev_token_ids,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -351,6 +365,15 @@ class NanoctlForCausalLM(NanoctlPreTrainedModel, GenerationMixin):
                 logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, **kwargs) -> dict:
+        # Smear needs the token before the new ones; input_ids holds the whole (beam-reordered) sequence.
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        new = inputs.get("input_ids")
+        if new is not None and 0 < new.size(1) < input_ids.size(1):
+            start = input_ids.size(1) - new.size(1)
+            inputs["prev_token_ids"] = input_ids[:, start - 1 : start]
+        return inputs
 
 
 __all__ = ["NanoctlForCausalLM", "NanoctlModel", "NanoctlPreTrainedModel"]
