@@ -10,6 +10,11 @@ alike:
 
     python bench/quantize_bench.py --home /tmp/qhome --tag d6          # medians of 3 repeats
     python bench/quantize_bench.py --home H --tag d6 --json             # one JSON document at the end
+    python bench/quantize_bench.py --linears                            # the library choice, below
+
+`--linears` times one d6-shaped linear (fp32 nn.Linear, torch.ao dynamic int8, and torchao 0.x's
+Int8WeightOnly / Int8DynamicActivationInt8Weight when torchao is installed) at 1 and 8 rows, eager: the
+measurement behind using torch.ao rather than torchao on the CPU (nanoctl.model.quantize).
 
 Goals (issue 14): >= 1.5x decode at batch 1, >= 3x smaller weights, bpb within +1% relative.
 The checkpoint should be a trained one: the bpb of a random model says nothing about quantization.
@@ -116,9 +121,64 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def linears(threads: int) -> None:
+    """Median microseconds per call of one linear, each int8 path next to fp32, at d6 shapes."""
+    import copy
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    warnings.simplefilter("ignore")
+    if threads:
+        torch.set_num_threads(threads)
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    paths: dict[str, Any] = {
+        "torch.ao dynamic": lambda m: quantize_dynamic(m, {nn.Linear: per_channel_dynamic_qconfig}),
+    }
+    try:
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+
+        def torchao(config: Any) -> Any:
+            return lambda m: (quantize_(m, config), m)[1]
+
+        paths["torchao weight-only"] = torchao(Int8WeightOnlyConfig())
+        paths["torchao dynamic"] = torchao(Int8DynamicActivationInt8WeightConfig())
+    except ImportError:
+        print("torchao is not installed: only torch.ao is timed")
+
+    def time_us(m: Any, x: Any, n: int = 50) -> float:
+        with torch.inference_mode():
+            for _ in range(5):
+                m(x)
+            ts = []
+            for _ in range(n):
+                t = time.perf_counter()
+                m(x)
+                ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e6
+
+    print(f"{torch.get_num_threads()} thread(s); median us per call (ratio to fp32: > 1 is slower)")
+    for k, n in ((384, 1536), (1536, 384), (384, 32768)):
+        for rows in (1, 8):
+            base = nn.Sequential(nn.Linear(k, n, bias=False)).eval()
+            x = torch.randn(rows, k)
+            fp32 = time_us(base, x)
+            cells = [f"fp32 {fp32:8.0f}"]
+            for name, make in paths.items():
+                t = time_us(make(copy.deepcopy(base)), x)
+                cells.append(f"{name} {t:8.0f} ({t / fp32:4.2f})")
+            print(f"{k:>5} x {n:<5} rows {rows}: " + " | ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--home", required=True, help="artifact home holding the checkpoint and its data")
+    ap.add_argument("--home", help="artifact home holding the checkpoint and its data")
     ap.add_argument("--stage", default="base")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--step", type=int, default=None)
@@ -129,9 +189,15 @@ def main() -> None:
     ap.add_argument("--bpb-rows", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--linears", action="store_true", help="time one linear per int8 library and exit")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--bpb", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.linears:
+        linears(args.threads)
+        return
+    if not args.home:
+        ap.error("--home is required (a home with a trained checkpoint and its validation shard)")
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -10,12 +10,17 @@ What becomes int8 (through PyTorch's own quantized modules; no kernels of ours):
 Kept in fp32: the tiny gates (ve_gate 12 x heads, smear_gate 24 x 1) and the residual scalars, where int8
 would save nothing and only add error.
 
-Why torch.ao and not torchao: torchao 0.18's eager CPU int8 linears (weight-only and dynamic) dequantize
-on every call and measured 3-5x *slower* than fp32 here (bench/RESULTS.md), since its CPU speed comes from
-torch.compile/inductor fusion, which we do not run for chat on a CPU. `torch.ao.quantization` prints a
-deprecation notice (its eager API is slated to move to torchao) but on torch 2.15 its fbgemm/x86
-dynamic linear is the fast eager int8 path; `quantize_model` raises a one-line error naming the missing
-piece if a later torch drops it.
+Why torch.ao and not torchao: torchao 0.18's eager CPU int8 linears (Int8WeightOnly and
+Int8DynamicActivationInt8Weight) measured 2-14x *slower* than fp32 at d6 shapes, where torch.ao's dynamic
+linear is 2-16x faster (`python bench/quantize_bench.py --linears`, bench/RESULTS.md); torchao looks to
+torch.compile (inductor) for CPU speed, which chat on a CPU does not run. `torch.ao.quantization` prints a deprecation
+notice (its eager API is slated to move to torchao), but torch 2.15 still ships it and its fbgemm/x86
+kernels; `quantize_model` raises a one-line error naming the missing piece if a later torch drops it.
+
+One property to know: the dynamic int8 GEMM picks one activation scale per call, over all the rows in
+it, so in a batch (serve's continuous batching, `-n` samples) a row's logits move slightly with the other
+rows' activations. Greedy replies of the tests' models are unchanged; runs are reproducible for the same
+batch, not bit-identical between a request served alone and next to others (fp32 is).
 
 The fused CPU paths of the fp32 model read `.weight` tensors directly (MLP `linear_relu_square`, the
 decode head, the chunked head+loss); an int8 module has no such tensor, so quantization switches the
