@@ -341,11 +341,6 @@ def test_tokenizer_of_another_vocab_is_refused(nanochat_dir: Path, home: Path, t
         import_nanochat(nanochat_dir, ImportNanochatOptions(tokenizer=str(other)), home=Home(home))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/stage.py copies the home's tokenizer into a new checkpoint, not the parent's: "
-    "save_tokenizer_copy(run.directory, run.home) should take the parent checkpoint's tokenizer",
-)
 def test_posttraining_keeps_the_imported_tokenizer(nanochat_dir: Path, home: Path) -> None:
     """The home trains with another tokenizer (same vocab size): an sft from the import must still carry the
     import's tokenizer, or the tuned model decodes into the wrong text."""

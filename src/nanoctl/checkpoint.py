@@ -509,11 +509,33 @@ def resolve_checkpoint_path(path: str | os.PathLike[str], step: int | None = Non
     return CheckpointRef(stage, p.name, step, p)
 
 
-def save_tokenizer_copy(directory: str | os.PathLike[str], home: Home) -> None:
-    """Keep the tokenizer next to the weights so a checkpoint stays usable if the home's tokenizer changes."""
-    src = home.tokenizer_dir
+def save_tokenizer_copy(directory: str | os.PathLike[str], home: Home, tokenizer: Tokenizer | None = None) -> None:
+    """Keep the tokenizer next to the weights so a checkpoint stays usable if the home's tokenizer changes.
+
+    `tokenizer`: the one the model was loaded with, written as tokenizer.pkl, token_bytes.pt and
+    tokenizer.json: a post-training parent (an imported nanochat model) may carry another than the home's.
+    Without it the home's files are copied. Files already there are kept."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        import pickle
+
+        import torch
+
+        from nanoctl.atomic import atomic_write, atomic_write_text
+        from nanoctl.tokenizer_json import HF_TOKENIZER_NAME, tokenizer_json
+
+        writers = {
+            "tokenizer.pkl": lambda f: pickle.dump(tokenizer.enc, f),
+            "token_bytes.pt": lambda f: torch.save(torch.tensor(tokenizer.token_bytes(), dtype=torch.int32), f),
+        }
+        for name, write in writers.items():
+            if not (directory / name).exists():
+                atomic_write(directory / name, write)
+        if not (directory / HF_TOKENIZER_NAME).exists():
+            atomic_write_text(directory / HF_TOKENIZER_NAME, tokenizer_json(tokenizer))
+        return
+    src = home.tokenizer_dir
     for name in ("tokenizer.pkl", "token_bytes.pt"):
         if (src / name).exists() and not (directory / name).exists():
             with atomic_path(directory / name) as tmp:

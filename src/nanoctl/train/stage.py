@@ -555,7 +555,7 @@ def _build(run: Run) -> None:
         truncate_after_step=run.start if out.resume_step is not None else -1,
     )
     if run.master:
-        save_tokenizer_copy(run.directory, run.home)
+        save_tokenizer_copy(run.directory, run.home, run.tokenizer)  # the parent's, not the home's
     run.reporter = Reporter(run.num_steps(), start=run.start, enabled=run.master, log_format=stage.opts.log_format)
     run.ema = LossEMA.from_state(run.loop.ema)
     run.peak = peak_flops(run.device) if stage.reports_mfu else None
