@@ -52,6 +52,7 @@ class ChatOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # /temp, /topk, ... replace it
     system: str | None = None
     quantize: str = quantize_option()  # int8: nanoctl.model.quantize
+    lora: str | None = None  # a LoRA adapter directory mounted on the model (default base: its own)
 
     def validate(self) -> None:
         if self.stage is not None and self.stage not in CHAT_STAGES:
@@ -61,6 +62,10 @@ class ChatOptions:
         if self.step is not None and self.step < 0:
             raise UsageError(f"--step {self.step} must be >= 0")
         check_quantize(self.quantize, self.device, self.dtype)
+        if self.lora is not None:
+            from nanoctl.adapters import check_adapter_path
+
+            check_adapter_path(self.lora)
 
 
 @dataclass
@@ -74,15 +79,19 @@ class LoadedModel:
     ref: CheckpointRef
     device: str
     dtype: str
+    lora: dict[str, Any] | None = None  # the mounted adapter (model.lora.mount_adapter's record)
 
     @property
     def label(self) -> str:
-        return self.ref.label
+        if self.lora is None:
+            return self.ref.label
+        trained = f"{self.lora['stage']}@{self.lora['step']}" if "stage" in self.lora else "peft"
+        return f"{self.ref.label}+lora:{trained}"
 
     @property
     def completion_mode(self) -> bool:
-        """Base models never saw the chat template: complete text instead."""
-        return self.ref.stage == "base"
+        """Base models never saw the chat template: complete text instead (an adapter is post-training)."""
+        return self.ref.stage == "base" and self.lora is None
 
     @property
     def context_len(self) -> int:
@@ -96,23 +105,26 @@ def load_chat_model(opts: ChatOptions, *, home: Home | str | os.PathLike[str] | 
     """
     opts.validate()
     home = Home.resolve(home)
-    from nanoctl.checkpoint import find_checkpoint, load_model, resolve_checkpoint_path
+    from nanoctl.adapters import resolve_base
+    from nanoctl.checkpoint import load_model
     from nanoctl.device import compute_dtype, dtype_name, resolve_device
     from nanoctl.engine import Engine
 
     device = resolve_device(opts.device)
     dtype = compute_dtype(device, opts.dtype)
     check_quantize(opts.quantize, device, dtype)
-    if opts.checkpoint:
-        ref = resolve_checkpoint_path(opts.checkpoint, opts.step)
-    else:
-        ref = find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
+    ref = resolve_base(opts.lora, opts.stage, opts.tag, opts.step, opts.checkpoint, home)
     model, tokenizer, meta = load_model(ref, device=device, dtype=dtype, home=home, phase="eval")
-    if opts.quantize != "none":
+    lora = None
+    if opts.lora is not None:
+        from nanoctl.model.lora import mount_adapter
+
+        lora = mount_adapter(model, opts.lora)  # merged: replies cost what the base's do
+    if opts.quantize != "none":  # after any adapter is merged: the int8 weights include it
         from nanoctl.model.quantize import quantize_model
 
         quantize_model(model, opts.quantize)
-    return LoadedModel(model, tokenizer, Engine(model, tokenizer), meta, ref, str(device), dtype_name(dtype))
+    return LoadedModel(model, tokenizer, Engine(model, tokenizer), meta, ref, str(device), dtype_name(dtype), lora)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,7 +296,7 @@ class LocalBackend:
     @property
     def identity(self) -> ModelIdentity:
         ref = self.loaded.ref
-        return ModelIdentity(ref.label, ref.stage, ref.tag, ref.step)
+        return ModelIdentity(self.loaded.label, ref.stage, ref.tag, ref.step)
 
     @property
     def completion_mode(self) -> bool:

@@ -18,7 +18,7 @@ from nanoctl.errors import NanoctlError, UsageError
 
 _SAMPLING = SamplingParams()  # the one set of sampling defaults (nanochat's chat ones)
 _TOP_P = 1.0 if _SAMPLING.top_p is None else _SAMPLING.top_p  # off (None) is spelled 1 on the command line
-_LOCAL_ONLY = ("stage", "tag", "step", "checkpoint", "device", "dtype", "quantize")  # options that pick a local model
+_LOCAL_ONLY = ("stage", "tag", "step", "checkpoint", "lora", "device", "dtype", "quantize")  # options that pick a local model
 
 
 def _stdin_is_tty() -> bool:
@@ -66,6 +66,11 @@ def chat(
         typer.Option(
             "--checkpoint", help="A checkpoint directory or model_<step>.pt file (overrides --stage/--tag)."
         ),
+    ] = None,
+    lora: Annotated[
+        str | None,
+        typer.Option("--lora", help="Mount this LoRA adapter directory (PEFT format; base: the adapter's own"
+                     " unless --stage/--tag/--step/--checkpoint)."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
     dtype: Annotated[
@@ -145,6 +150,7 @@ def chat(
         dtype=dtype,
         sampling=settings,
         system=system,
+        lora=lora,
         quantize=quantize,
     )
     opts.validate()  # usage errors before the (slow) model load
@@ -192,7 +198,7 @@ def chat(
             from nanoctl.chat import load_chat_model as load
 
             return load(
-                replace(opts, stage=ref.stage, tag=ref.tag, step=ref.step, checkpoint=str(ref.directory)),
+                replace(opts, stage=ref.stage, tag=ref.tag, step=ref.step, checkpoint=str(ref.directory), lora=None),
                 home=home,
             )
 

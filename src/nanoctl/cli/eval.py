@@ -173,6 +173,12 @@ def eval_chat_cmd(
     tag: Tag = _chat("tag"),
     step: Step = _chat("step"),
     checkpoint: Checkpoint = _chat("checkpoint"),
+    lora: Annotated[
+        str | None,
+        typer.Option("--lora", help="Mount this LoRA adapter directory (base: the adapter's own unless"
+                     " --stage/--tag/--step/--checkpoint); writes eval_chat_<stage>-lora_*.",
+                     rich_help_panel=_M, show_default=False),
+    ] = _chat("lora"),
     device: DeviceOption = _chat("device"),
     dtype: DtypeOption = _chat("dtype"),
     quantize: QuantizeOption = _chat("quantize"),
@@ -200,6 +206,7 @@ def eval_chat_cmd(
             tag=tag,
             step=step,
             checkpoint=str(checkpoint) if checkpoint else None,
+            lora=lora,
             max_problems=max_problems,
             num_samples=num_samples,
             max_new_tokens=max_new_tokens,

@@ -35,6 +35,7 @@ class ChatEvalOptions:
     tag: str | None = None
     step: int | None = None
     checkpoint: str | None = None
+    lora: str | None = None  # a LoRA adapter directory mounted on the model (default base: its own)
     max_problems: int | None = None
     num_samples: int = 1
     max_new_tokens: int = 512
@@ -289,6 +290,12 @@ def build_tasks(
 def resolve_chat_checkpoint(opts: ChatEvalOptions, home: Home) -> Any:
     from nanoctl.checkpoint import find_checkpoint, resolve_checkpoint_path
 
+    if opts.lora is not None:
+        from nanoctl.adapters import check_adapter_path, resolve_base
+
+        check_adapter_path(opts.lora)
+        if not (opts.checkpoint or opts.stage or opts.tag or opts.step is not None):
+            return resolve_base(opts.lora, None, None, None, None, home)
     if opts.checkpoint:
         return resolve_checkpoint_path(opts.checkpoint, opts.step)
     if opts.stage:
@@ -348,8 +355,14 @@ def run_chat_eval(
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
     check_quantize(opts.quantize, info.device, dtype)
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
-    stage = ref.stage
-    if opts.quantize != "none":
+    stage, step = ref.stage, ref.step
+    if opts.lora is not None:
+        from nanoctl.model.lora import mount_adapter
+
+        meta["lora"] = lora = mount_adapter(model, opts.lora)
+        # its own record name (eval_chat_sft-lora_<step>), so the base's results stay as they are
+        stage, step = f"{lora.get('stage', 'peft')}-lora", int(lora.get("step", ref.step))
+    if opts.quantize != "none":  # after any adapter is merged: the int8 weights include it
         from nanoctl.model.quantize import quantize_model
 
         quantize_model(model, opts.quantize)
@@ -359,7 +372,7 @@ def run_chat_eval(
     sampling = SamplingParams(
         temperature=opts.temperature, top_k=opts.top_k or None, max_tokens=opts.max_new_tokens
     )
-    result = ChatEvalResult(stage=stage, tag=ref.tag, step=ref.step)
+    result = ChatEvalResult(stage=stage, tag=ref.tag, step=step)
     bar = EvalProgress(enabled=opts.progress and info.is_master)
     try:
         for name, task, tinfo in tasks:
@@ -416,8 +429,8 @@ def run_chat_eval(
         kind="chat",
         stage=stage,
         tag=ref.tag,
-        step=ref.step,
-        model=model_summary(meta),
+        step=step,
+        model=model_summary(meta) | ({"lora": meta["lora"]} if "lora" in meta else {}),
         settings={
             "tasks": [n for n, _, _ in tasks],
             "max_problems": opts.max_problems,

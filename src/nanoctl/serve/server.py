@@ -54,6 +54,10 @@ class ServeOptions:
     checkpoint: str | None = option(
         None, help="A checkpoint directory or model_<step>.pt file (overrides --stage/--tag).", panel=START
     )
+    lora: str | None = option(
+        None, help="Mount this LoRA adapter directory (base: the adapter's own unless --stage/--tag/--step/"
+        "--checkpoint); the model id gains +lora.", panel=START,
+    )
     device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps.")
     dtype: str | None = option(
         None, help="bfloat16|float16|float32 (default: bf16 on CUDA SM80+, else fp32)."
@@ -249,10 +253,8 @@ def _load(opts: ServeOptions, home: Home, ref: Any, devices: list[str], state: S
         loaded = None
         for device in devices:
             loaded = load_chat_model(
-                ChatOptions(
-                    checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
-                    quantize=opts.quantize,
-                ),
+                ChatOptions(checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
+                            lora=opts.lora, quantize=opts.quantize),
                 home=home,
             )
             sched = Scheduler(
@@ -264,8 +266,8 @@ def _load(opts: ServeOptions, home: Home, ref: Any, devices: list[str], state: S
             schedulers.append(sched)
         assert loaded is not None
         backend = schedulers[0] if len(schedulers) == 1 else Router(schedulers)
-        # The id clients see: stage/tag@step, the same label `nanoctl chat` shows.
-        label = ref.label
+        # The id clients see: stage/tag@step (+lora:...), the same label `nanoctl chat` shows.
+        label = loaded.label
         state.set_ready(
             ServedModel(
                 label, loaded.tokenizer, backend, loaded.completion_mode, loaded.context_len,
@@ -301,11 +303,11 @@ def _devices(opts: ServeOptions) -> list[str]:
 
 def _resolve(opts: ServeOptions, home: Home) -> Any:
     """Which checkpoint, found before the port is bound so a missing one is a one-line error at once."""
-    from nanoctl.checkpoint import find_checkpoint, resolve_checkpoint_path
+    from nanoctl.adapters import check_adapter_path, resolve_base
 
-    if opts.checkpoint:
-        return resolve_checkpoint_path(opts.checkpoint, opts.step)
-    return find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
+    if opts.lora is not None:
+        check_adapter_path(opts.lora)
+    return resolve_base(opts.lora, opts.stage, opts.tag, opts.step, opts.checkpoint, home)
 
 
 def _bind(host: str, port: int) -> tuple[socket.socket, str]:

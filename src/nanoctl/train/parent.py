@@ -214,6 +214,10 @@ class PostStage(Stage):
     def run_dir(self, tag: str) -> Path:
         return self.home.adapter_dir(self.name, tag) if self.opts.lora_rank else super().run_dir(tag)
 
+    def report_dir(self, tag: str) -> Path:
+        # reports/<tag>/sft-lora/: a full run of the same tag keeps its own metrics.jsonl
+        return self.home.report_dir(tag) / f"{self.name}-lora" if self.opts.lora_rank else super().report_dir(tag)
+
     def build_optimizer(self, model: Any) -> Any:
         if not self.opts.lora_rank:
             return super().build_optimizer(model)
