@@ -257,7 +257,8 @@ def test_single_checkpoint_directory(nanochat_dir: Path, home: Path, tmp_path: P
     assert find_checkpoint("mid", home=Home(home)).step == 100
 
 
-def test_sft_starts_from_imported_base(nanochat_dir: Path, home: Path) -> None:
+def tiny_sft(home: Path, steps: int) -> Any:
+    """A few sft steps from the imported base on CONVERSATIONS, into sft/tuned."""
     from nanoctl.tasks.common import Task
     from nanoctl.train.sft import SFTOptions, sft
 
@@ -268,26 +269,18 @@ def test_sft_starts_from_imported_base(nanochat_dir: Path, home: Path) -> None:
         def get_example(self, index: int) -> dict[str, Any]:
             return CONVERSATIONS[index]
 
-    import_nanochat(nanochat_dir, ImportNanochatOptions(stage="base"), home=Home(home))
+    opts = SFTOptions(
+        source="base", device="cpu", num_iterations=steps, device_batch_size=3, target_examples_per_step=3,
+        eval_every=-1, eval_steps=1, eval_metrics_every=-1, metric_tasks=[], output_tag="tuned",
+        train_task=Fixed(), val_task=Fixed(), threads=1,
+    )  # fmt: skip
     with single_thread():
-        result = sft(
-            SFTOptions(
-                source="base",
-                device="cpu",
-                num_iterations=2,
-                device_batch_size=3,
-                target_examples_per_step=3,
-                eval_every=-1,
-                eval_steps=1,
-                eval_metrics_every=-1,
-                metric_tasks=[],
-                output_tag="tuned",
-                train_task=Fixed(),
-                val_task=Fixed(),
-                threads=1,
-            ),
-            home=Home(home),
-        )
+        return sft(opts, home=Home(home))
+
+
+def test_sft_starts_from_imported_base(nanochat_dir: Path, home: Path) -> None:
+    import_nanochat(nanochat_dir, ImportNanochatOptions(stage="base"), home=Home(home))
+    result = tiny_sft(home, 2)
     assert result.final_step == 2 and result.parent == {"stage": "base", "tag": "d2", "step": 200}
     model, tok, meta = load_model(stage="sft", tag="tuned", device="cpu", home=home)
     assert meta["parent"] == {"stage": "base", "tag": "d2", "step": 200} and model.config.arch == "current"
@@ -344,41 +337,14 @@ def test_tokenizer_of_another_vocab_is_refused(nanochat_dir: Path, home: Path, t
 def test_posttraining_keeps_the_imported_tokenizer(nanochat_dir: Path, home: Path) -> None:
     """The home trains with another tokenizer (same vocab size): an sft from the import must still carry the
     import's tokenizer, or the tuned model decodes into the wrong text."""
-    from nanoctl.tasks.common import Task
     from nanoctl.tokenizer import Tokenizer
-    from nanoctl.train.sft import SFTOptions, sft
-
-    class Fixed(Task):
-        def num_examples(self) -> int:
-            return len(CONVERSATIONS)
-
-        def get_example(self, index: int) -> dict[str, Any]:
-            return CONVERSATIONS[index]
 
     Tokenizer.train_from_iterator(iter(["zq xv zq xv qqq " * 80, "other words entirely " * 80]), 320).save(
         home / "tokenizer"
     )
     summary = import_nanochat(nanochat_dir, ImportNanochatOptions(stage="base"), home=Home(home))
     assert summary["tokenizer"]["home"] == "kept"
-    with single_thread():
-        sft(
-            SFTOptions(
-                source="base",
-                device="cpu",
-                num_iterations=1,
-                device_batch_size=3,
-                target_examples_per_step=3,
-                eval_every=-1,
-                eval_steps=1,
-                eval_metrics_every=-1,
-                metric_tasks=[],
-                output_tag="tuned",
-                train_task=Fixed(),
-                val_task=Fixed(),
-                threads=1,
-            ),
-            home=Home(home),
-        )
+    tiny_sft(home, 1)
     _, tok, _ = load_model(stage="sft", tag="tuned", device="cpu", home=home)
     text = "hello there, see you soon"
     assert tok.encode(text) == tiny_tokenizer().encode(text)
