@@ -313,6 +313,10 @@ def test_cli(nanochat_dir: Path, home: Path) -> None:
     assert [c["status"] for c in json.loads(r.stdout)["checkpoints"]] == ["imported"]
     r = runner.invoke(app, ["import", "nanochat", str(nanochat_dir), "--stage", "sft"])
     assert r.exit_code == 0 and "unchanged sft/d2 step 50 [classic]" in r.output, r.output
+    r = runner.invoke(
+        app, ["chat", "-p", "hi", "--max-tokens", "4", "-t", "0", "--json"]
+    )  # talks to the import
+    assert r.exit_code == 0 and json.loads(r.stdout)["model"] == "sft/d2@50", r.output
     r = runner.invoke(app, ["import", "nanochat", str(nanochat_dir / "nope")])
     assert r.exit_code == 2 and "is not a directory" in r.output
     r = runner.invoke(app, ["import", "nanochat", str(nanochat_dir), "--tag", "d99"])
