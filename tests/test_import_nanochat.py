@@ -386,3 +386,18 @@ def test_not_beside_a_running_stage(nanochat_dir: Path, home: Path) -> None:
         with pytest.raises(NanoctlError, match="in use by another training run"):
             import_nanochat(nanochat_dir, ImportNanochatOptions(stage="sft"), home=Home(home))
     assert not list((home / "checkpoints" / "sft" / "d2").glob("model_*"))
+
+
+class Boom:
+    """Unpickling this would run code (os.system here): the import must refuse before it does."""
+
+    def __reduce__(self) -> Any:
+        return (os.system, ("true",))
+
+
+def test_a_tokenizer_pickle_that_runs_code_is_refused(nanochat_dir: Path, home: Path) -> None:
+    with open(nanochat_dir / "tokenizer" / "tokenizer.pkl", "wb") as f:
+        pickle.dump({"enc": Boom()}, f)
+    with pytest.raises(NanoctlError, match=r"references posix\.system: it is not a plain pickled tiktoken"):
+        import_nanochat(nanochat_dir, ImportNanochatOptions(), home=Home(home))
+    assert not (home / "checkpoints").exists()

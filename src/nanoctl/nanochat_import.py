@@ -305,6 +305,48 @@ def _tokenizer_source(src: Path, steps: list[_Step], opts: ImportNanochatOptions
     )
 
 
+# What a pickled tiktoken Encoding may reference. Anything else would run code while unpickling: a foreign
+# file is refused instead (the copies we keep are then the checked bytes).
+PICKLE_GLOBALS = {("tiktoken.core", "Encoding"), ("_codecs", "encode"), ("builtins", "bytes")}
+
+
+def _load_tokenizer(tok_dir: Path) -> Tokenizer:
+    """nanochat's tokenizer.pkl, unpickled with only the classes a tiktoken Encoding needs."""
+    import pickle
+
+    import tiktoken
+
+    from nanoctl.tokenizer import Tokenizer
+
+    path = tok_dir / "tokenizer.pkl"
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in PICKLE_GLOBALS:
+                raise NanoctlError(
+                    f"{path} references {module}.{name}: it is not a plain pickled tiktoken Encoding",
+                    "refusing to unpickle it; pass nanochat's own tokenizer with --tokenizer DIR",
+                )
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f:
+            enc = Restricted(f).load()
+    except NanoctlError:
+        raise
+    except Exception as e:  # truncated or not a pickle
+        raise NanoctlError(
+            f"{path} is not a valid tokenizer pickle ({type(e).__name__}: {e})",
+            "pass nanochat's tokenizer directory with --tokenizer DIR",
+        ) from None
+    if not isinstance(enc, tiktoken.Encoding) or "<|bos|>" not in enc._special_tokens:
+        raise NanoctlError(
+            f"{path} is not a nanochat tokenizer (a tiktoken Encoding with <|bos|>)",
+            "pass nanochat's tokenizer directory with --tokenizer DIR",
+        )
+    return Tokenizer(enc, "<|bos|>")
+
+
 def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return (
         a.get_pattern() == b.get_pattern()
@@ -474,7 +516,7 @@ def import_nanochat(
     root = root.resolve()
     steps = _plan(root, opts)
     tok_src = _tokenizer_source(root, steps, opts)
-    tok = Tokenizer.from_directory(tok_src)
+    tok = _load_tokenizer(tok_src)
     for s in steps:
         if s.config["vocab_size"] != tok.get_vocab_size():
             raise NanoctlError(
