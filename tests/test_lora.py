@@ -350,3 +350,26 @@ def test_serve_mounts_an_adapter(home: Path, tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_mid_and_rl_train_adapters_too(home: Path, tmp_path: Path) -> None:
+    """The options live on every post-training stage: mid and rl write adapters under adapters/<stage>/."""
+    from nanoctl.train.mid import MidOptions, mid
+    from nanoctl.train.rl import RLOptions, rl
+
+    save_model(home, tiny("classic"), stage="base", tag="d2", step=0)
+    save_model(home, tiny("classic", seed=3), stage="sft", tag="d2", step=0, with_tokenizer=False)
+    data = conversations_file(tmp_path / "c.jsonl")
+    m = mid(MidOptions(data=[str(data)], device="cpu", num_iterations=2, device_batch_size=2, total_batch_size=128,
+                       max_seq_len=64, eval_every=-1, lora_rank=2, threads=1), home=Home(home))
+    r = rl(RLOptions(task="SpellingBee", device="cpu", num_iterations=1, device_batch_size=2, examples_per_step=1,
+                     num_samples=2, max_new_tokens=8, eval_every=-1, eval_examples=1, lora_rank=2, lora_targets="q,v",
+                     threads=1), home=Home(home))
+    for result, stage, parent in ((m, "mid", "base"), (r, "rl", "sft")):
+        out = Path(result.checkpoint_dir)
+        assert out == home / "adapters" / stage / "d2"
+        record = json.loads((out / "nanoctl_adapter.json").read_text())
+        assert record["stage"] == stage and record["parent"]["stage"] == parent
+        weights = torch.load(out / f"model_{result.final_step:06d}.pt", weights_only=True)
+        assert weights and all(".lora_" in k for k in weights)
+    assert not (home / "checkpoints" / "mid").exists() and not (home / "checkpoints" / "rl").exists()
