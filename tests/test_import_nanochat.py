@@ -401,3 +401,16 @@ def test_a_tokenizer_pickle_that_runs_code_is_refused(nanochat_dir: Path, home: 
     with pytest.raises(NanoctlError, match=r"references posix\.system: it is not a plain pickled tiktoken"):
         import_nanochat(nanochat_dir, ImportNanochatOptions(), home=Home(home))
     assert not (home / "checkpoints").exists()
+
+
+def test_a_moved_nanochat_dir_imports_as_unchanged(nanochat_dir: Path, home: Path, tmp_path: Path) -> None:
+    import_nanochat(nanochat_dir, ImportNanochatOptions(), home=Home(home))
+    moved = tmp_path / "moved"
+    nanochat_dir.rename(moved)
+    again = import_nanochat(moved, ImportNanochatOptions(), home=Home(home))
+    assert {c["status"] for c in again["checkpoints"]} == {"unchanged"}
+    with open(moved / "base_checkpoints" / "d2" / "model_000200.pt", "r+b") as f:  # other bytes: not the same
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)
+    with pytest.raises(NanoctlError, match="already holds step 200"):
+        import_nanochat(moved, ImportNanochatOptions(), home=Home(home))

@@ -409,29 +409,29 @@ def _write_tokenizer(tok: Tokenizer, tok_src: Path, directory: Path) -> None:
     atomic_write_text(directory / HF_TOKENIZER_NAME, tokenizer_json(tok))
 
 
-def _existing(step: _Step, home: Home) -> tuple[str, dict[str, Any] | None]:
-    """("new" | "unchanged" | "conflict", the destination meta)."""
+def _existing(step: _Step, home: Home) -> str:
+    """What the destination holds at this step: "new" (nothing), "unchanged" (this import, from the same
+    source file, or a moved copy with the same sha256) or "conflict" (anything else)."""
+    from nanoctl.atomic import file_digest
     from nanoctl.checkpoint import meta_path, model_path
 
     dest = home.checkpoint_dir(step.stage, step.tag)
-    mp = meta_path(dest, step.step)
-    if not mp.exists() and not model_path(dest, step.step).exists():
-        return "new", None
+    mp, dst_model = meta_path(dest, step.step), model_path(dest, step.step)
+    if not mp.exists() and not dst_model.exists():
+        return "new"
     try:
         meta = json.loads(mp.read_text())
-    except (OSError, ValueError):
-        return "conflict", None
-    origin = meta.get("imported_from") if isinstance(meta, dict) else None
-    src_model = model_path(step.source, step.step)
-    dst_model = model_path(dest, step.step)
-    same = (
-        isinstance(origin, dict)
-        and origin.get("source") == str(step.source.resolve())
-        and origin.get("model") == _stat(src_model)
-        and dst_model.exists()
-        and dst_model.stat().st_size == origin["model"]["bytes"]
-    )
-    return ("unchanged" if same else "conflict"), meta
+        origin, record = meta["imported_from"], meta["files"][dst_model.name]
+        src_model = model_path(step.source, step.step)
+        if not dst_model.exists() or dst_model.stat().st_size != record["bytes"]:
+            return "conflict"
+        if origin["source"] == str(step.source) and origin["model"] == _stat(src_model):
+            return "unchanged"
+        # moved or copied elsewhere since: the same bytes are the same import (one read of the source)
+        same = src_model.stat().st_size == record["bytes"] and file_digest(src_model) == record.get("sha256")
+        return "unchanged" if same else "conflict"
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, or not an import: something else
+        return "conflict"
 
 
 def _write_step(
@@ -527,7 +527,7 @@ def import_nanochat(
 
     # Check every destination before writing anything, so a refused import leaves the home as it was.
     states = {id(s): _existing(s, home) for s in steps}
-    conflicts = [s for s in steps if states[id(s)][0] == "conflict"]
+    conflicts = [s for s in steps if states[id(s)] == "conflict"]
     if conflicts and not opts.force:
         c = conflicts[0]
         raise NanoctlError(
@@ -546,7 +546,7 @@ def import_nanochat(
     notes: list[str] = []
     results: list[dict[str, Any]] = []
     for s in steps:
-        status, _ = states[id(s)]
+        status = states[id(s)]
         dest = home.checkpoint_dir(s.stage, s.tag)
         entry = {
             "stage": s.stage,
