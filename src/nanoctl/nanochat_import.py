@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoctl.cache import checkpoint_steps
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.home import STAGES, Home
 from nanoctl.options import DATA, OUTPUT, START, option
@@ -118,16 +119,10 @@ class _Step:
 # -- finding what to import ------------------------------------------------------------------------------
 
 
-def _steps_in(directory: Path) -> list[int]:
-    from nanoctl.cache import checkpoint_steps
-
-    return checkpoint_steps(directory)
-
-
 def _checkpoint_dirs(src: Path, opts: ImportNanochatOptions) -> list[tuple[str, str, Path, str | None]]:
     """(stage, tag, directory, nanochat stage dir name) of every checkpoint directory in `src`."""
     found: list[tuple[str, str, Path, str | None]] = []
-    if _steps_in(src):  # a single checkpoint directory
+    if checkpoint_steps(src):  # a single checkpoint directory
         stage = opts.stage or NANOCHAT_STAGE_DIRS.get(src.parent.name)
         if stage is None:
             raise UsageError(
@@ -144,7 +139,7 @@ def _checkpoint_dirs(src: Path, opts: ImportNanochatOptions) -> list[tuple[str, 
         for stage_dir in stage_dirs:
             if not stage_dir.is_dir():
                 continue
-            for tag_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and _steps_in(p)):
+            for tag_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and checkpoint_steps(p)):
                 found.append((NANOCHAT_STAGE_DIRS[stage_dir.name], tag_dir.name, tag_dir, stage_dir.name))
         if opts.stage is not None:
             found = [f for f in found if f[0] == opts.stage]
@@ -255,7 +250,7 @@ def _plan(src: Path, opts: ImportNanochatOptions) -> list[_Step]:
     steps: list[_Step] = []
     dirs = _checkpoint_dirs(src, opts)
     for stage, tag, directory, nanochat_dir in dirs:
-        numbers = _steps_in(directory)
+        numbers = checkpoint_steps(directory)
         if opts.step is not None:
             if opts.step not in numbers:
                 if len(dirs) == 1:
