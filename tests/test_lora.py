@@ -227,6 +227,7 @@ def test_cli_sft_lora_then_chat_eval_and_merge(home: Path, tmp_path: Path, share
                             "--num-iterations", "4", "--device-batch-size", "2", "--target-examples-per-step", "2",
                             "--eval-every", "-1", "--eval-metrics-every", "-1", "--threads", "1", "--device", "cpu"])
     assert r.exit_code == 0, r.output
+    assert "sft: base/d2@0 -> adapters/sft/d2" in r.output and "targets q,v,fc;" in r.output
     adapter = home / "adapters" / "sft" / "d2"
     r = runner.invoke(app, ["chat", "--lora", str(adapter), "-p", "hi 1", "--max-tokens", "4", "--temperature", "0",
                             "--device", "cpu", "--json"])

@@ -202,10 +202,11 @@ class PostStage(Stage):
         if o.lora_lr <= 0:
             raise UsageError(f"--lora-lr {o.lora_lr} must be > 0")
         plan = self.plan()
+        # the stage's first line names where it writes: the adapter directory, not checkpoints/
+        plan.lines[0] = plan.lines[0].replace(f"-> checkpoints/{self.name}/", f"-> adapters/{self.name}/", 1)
         plan.lines.append(
             f"lora: rank {cfg.rank}, alpha {cfg.alpha:g} (scale {cfg.scaling:g}), dropout {cfg.dropout:g},"
             f" targets {','.join(cfg.targets)}; base weights frozen; AdamW LR {o.lora_lr:g} on the adapters"
-            f" -> adapters/{self.name}/{plan.tag}"
         )
         plan.resume_keys["lora"] = cfg.to_dict() | {"lr": o.lora_lr}
         plan.meta["lora"] = cfg.to_dict()
