@@ -414,3 +414,16 @@ def test_a_moved_nanochat_dir_imports_as_unchanged(nanochat_dir: Path, home: Pat
         f.write(b"\x00" * 8)
     with pytest.raises(NanoctlError, match="already holds step 200"):
         import_nanochat(moved, ImportNanochatOptions(), home=Home(home))
+
+
+def test_another_tokenizer_at_the_destination_needs_force(nanochat_dir: Path, home: Path) -> None:
+    from nanoctl.tokenizer import Tokenizer
+
+    dest = home / "checkpoints" / "sft" / "d2"
+    Tokenizer.train_from_iterator(iter(["zq xv zq xv qqq " * 80]), 320).save(dest)  # beside a run of ours
+    with pytest.raises(NanoctlError, match="holds another tokenizer"):
+        import_nanochat(nanochat_dir, ImportNanochatOptions(stage="sft"), home=Home(home))
+    import_nanochat(nanochat_dir, ImportNanochatOptions(stage="sft", force=True), home=Home(home))
+    _, tok, _ = load_model(stage="sft", device="cpu", home=home)
+    assert tok.encode("hello there") == tiny_tokenizer().encode("hello there")
+    assert (dest / "tokenizer.json").is_file() and (dest / "token_bytes.pt").is_file()

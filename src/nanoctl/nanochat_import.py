@@ -342,6 +342,10 @@ def _load_tokenizer(tok_dir: Path) -> Tokenizer:
     return Tokenizer(enc, "<|bos|>")
 
 
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.pkl").is_file() or (directory / "tokenizer.json").is_file()
+
+
 def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return (
         a.get_pattern() == b.get_pattern()
@@ -385,25 +389,6 @@ def _put(src: Path, dst: Path, link: bool) -> tuple[dict[str, Any], str]:
     return fout.record(), "copy"
 
 
-def _write_tokenizer(tok: Tokenizer, tok_src: Path, directory: Path) -> None:
-    """tokenizer.pkl and token_bytes.pt as nanochat wrote them (token_bytes computed when absent) and our
-    tokenizer.json, each atomically."""
-    import torch
-
-    from nanoctl.atomic import atomic_path, atomic_write_text, atomic_writer
-    from nanoctl.tokenizer_json import HF_TOKENIZER_NAME, tokenizer_json
-
-    with atomic_path(directory / "tokenizer.pkl") as tmp:
-        shutil.copyfile(tok_src / "tokenizer.pkl", tmp)
-    if (tok_src / "token_bytes.pt").is_file():
-        with atomic_path(directory / "token_bytes.pt") as tmp:
-            shutil.copyfile(tok_src / "token_bytes.pt", tmp)
-    else:
-        with atomic_writer(directory / "token_bytes.pt", algorithm=None) as f:
-            torch.save(torch.tensor(tok.token_bytes(), dtype=torch.int32), f)
-    atomic_write_text(directory / HF_TOKENIZER_NAME, tokenizer_json(tok))
-
-
 def _existing(step: _Step, home: Home) -> str:
     """What the destination holds at this step: "new" (nothing), "unchanged" (this import, from the same
     source file, or a moved copy with the same sha256) or "conflict" (anything else)."""
@@ -430,12 +415,13 @@ def _existing(step: _Step, home: Home) -> str:
 
 
 def _write_step(
-    s: _Step, dest: Path, tok: Tokenizer, tok_src: Path, opts: ImportNanochatOptions
+    s: _Step, dest: Path, tok: Tokenizer, tok_src: Path, opts: ImportNanochatOptions, home: Home
 ) -> tuple[str, list[str]]:
     """Put one step's files into `dest`, then its meta (last: it marks the step complete); (method, notes)."""
     from nanoctl import __version__
     from nanoctl.atomic import atomic_write_json
-    from nanoctl.checkpoint import meta_path, model_path
+    from nanoctl.checkpoint import meta_path, model_path, save_tokenizer_copy
+    from nanoctl.tokenizer import Tokenizer
 
     meta_path(dest, s.step).unlink(missing_ok=True)  # a replaced step stops counting as complete first
     names = [model_path(s.source, s.step)]
@@ -450,7 +436,11 @@ def _write_step(
         for path in names:
             files[path.name], how = _put(path, dest / path.name, opts.link)
             methods.add(how)
-        _write_tokenizer(tok, tok_src, dest)
+        if _has_tokenizer(dest) and not _same_tokenizer(Tokenizer.from_directory(dest), tok):  # --force
+            for name in ("tokenizer.pkl", "token_bytes.pt", "tokenizer.json"):
+                (dest / name).unlink(missing_ok=True)
+        # written from the checked Encoding (never the foreign bytes), with tokenizer.json: no pickle needed
+        save_tokenizer_copy(dest, home, tok)
     except OSError as e:
         raise NanoctlError(
             f"cannot write into {dest}: {e.strerror or e}",
@@ -531,7 +521,7 @@ def import_nanochat(
             "pass --force to replace it, or import into another --home",
         )
     for directory in {home.checkpoint_dir(s.stage, s.tag) for s in steps}:
-        if (directory / "tokenizer.pkl").exists() and not opts.force:
+        if _has_tokenizer(directory) and not opts.force:
             if not _same_tokenizer(Tokenizer.from_directory(directory), tok):
                 raise NanoctlError(
                     f"{directory} holds another tokenizer than {tok_src}",
@@ -554,14 +544,14 @@ def import_nanochat(
             results.append({**entry, "status": "unchanged", "method": None})
             continue
         with lock_run_dir(dest, f"nanoctl import nanochat {s.source}"):  # not beside a training run
-            method, note = _write_step(s, dest, tok, tok_src, opts)
+            method, note = _write_step(s, dest, tok, tok_src, opts, home)
         notes += note
         results.append(
             {**entry, "status": "replaced" if status == "conflict" else "imported", "method": method}
         )
 
     home_tok = "written"
-    if (home.tokenizer_dir / "tokenizer.pkl").is_file() or (home.tokenizer_dir / "tokenizer.json").is_file():
+    if _has_tokenizer(home.tokenizer_dir):
         home_tok = "same" if _same_tokenizer(Tokenizer.from_directory(home.tokenizer_dir), tok) else "kept"
         if home_tok == "kept":
             notes.append(
