@@ -25,6 +25,7 @@ from nanoctl.model.gpt import GPT, GPTConfig, build_model, window_sizes
 from tiny_chat import VOCAB, single_thread, tiny_tokenizer
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 np = pytest.importorskip("numpy")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,16 +97,35 @@ def _save(home: Path, model: GPT, arch: str | None = None) -> None:
     save_checkpoint(home / "checkpoints" / "sft" / "d3", 10, model.state_dict(), None, meta)
 
 
+_EXPORTS: dict[str, dict[str, Any]] = {}  # one trained model and export per arch for the whole module
+
+
+def _export(arch: str, factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if arch not in _EXPORTS:
+        root = factory.mktemp(f"onnx-{arch}")
+        home = root / "home"
+        model = _trained(arch)
+        _save(home, model)
+        with single_thread():
+            result = export_onnx(root / "out" / "model.onnx", ExportOnnxOptions(), home=Home(home))
+        _EXPORTS[arch] = {
+            "arch": arch,
+            "model": model,
+            "home": home,
+            "result": result,
+            "path": Path(result["out"]),
+        }
+    return _EXPORTS[arch]
+
+
 @pytest.fixture(scope="module", params=["current", "classic"])
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    arch = request.param
-    root = tmp_path_factory.mktemp(f"onnx-{arch}")
-    home = root / "home"
-    model = _trained(arch)
-    _save(home, model)
-    with single_thread():
-        result = export_onnx(root / "out" / "model.onnx", ExportOnnxOptions(), home=Home(home))
-    return {"arch": arch, "model": model, "home": home, "result": result, "path": Path(result["out"])}
+    return _export(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def current(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _export("current", tmp_path_factory)
 
 
 def _session(path: Path) -> Any:
@@ -211,23 +231,19 @@ def _bpb(session: Any, text: str, chunk: int = 256) -> float:
     return nats / math.log(2) / n_bytes
 
 
-def test_int8_keeps_bpb_within_tolerance(exported: dict[str, Any], tmp_path: Path) -> None:
-    if exported["arch"] != "current":
-        pytest.skip("one arch is enough for the quantization tolerance")
+def test_int8_keeps_bpb_within_tolerance(current: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "q" / "model-int8.onnx"
     res = CliRunner().invoke(
-        app, ["--home", str(exported["home"]), "export", "onnx", str(out), "--int8", "--json"]
+        app, ["--home", str(current["home"]), "export", "onnx", str(out), "--int8", "--json"]
     )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.splitlines()[-1])["int8"] is True
-    import onnx
-
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     text = _sample_text(200_000, 12_000)
-    fp32 = _bpb(_session(exported["path"]), text)
+    fp32 = _bpb(_session(current["path"]), text)
     int8 = _bpb(_session(out), text)
-    assert fp32 < 8.0  # the trained model beats a uniform guess over bytes
+    assert fp32 < 5.0  # the model learned something (uniform over the 320 tokens is ~6.7 bpb here)
     assert abs(int8 - fp32) <= INT8_BPB_TOL, f"int8 bpb {int8:.4f} vs fp32 {fp32:.4f}"
 
 
