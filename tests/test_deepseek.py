@@ -18,7 +18,7 @@ import torch
 
 from nanoctl.errors import UsageError
 from nanoctl.model.gpt import GPT, GPTConfig, build_model
-from tiny_chat import single_thread
+from tiny_chat import random_model, single_thread
 
 VOCAB = 320
 
@@ -30,21 +30,12 @@ def ds_config(**kw: object) -> GPTConfig:
     return GPTConfig(**base)  # type: ignore[arg-type]
 
 
-def random_ds(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = build_model(config, "cpu", torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
-
-
 # --- MLA ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 24])
 def test_mla_cached_decode_equals_full_recompute(q_lora_rank: int) -> None:
-    model = random_ds(ds_config(q_lora_rank=q_lora_rank))
+    model = random_model(ds_config(q_lora_rank=q_lora_rank))
     x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), single_thread():
         full = model(x)
@@ -64,7 +55,7 @@ def test_mla_cached_decode_equals_full_recompute(q_lora_rank: int) -> None:
 def test_mla_scores_depend_on_relative_position_only() -> None:
     # decoupled RoPE: the same 6 tokens after a shifted prefix give the same attention pattern only if q
     # is rotated too (the fork's bug: q unrotated, scores tied to the absolute key position)
-    model = random_ds(ds_config(n_layer=1, n_dense_layers=1))
+    model = random_model(ds_config(n_layer=1, n_dense_layers=1))
     attn = model.transformer.h[0].attn
     x = torch.randn(1, 6, 64)
     with torch.no_grad():
@@ -90,7 +81,7 @@ def test_kv_bytes_per_token_mla_quarter_of_gpt_at_equal_width() -> None:
 
 
 def test_grouped_experts_equal_a_per_token_reference() -> None:
-    model = random_ds(ds_config())
+    model = random_model(ds_config())
     moe = model.transformer.h[1].mlp
     x = torch.randn(2, 7, 64)
     with torch.no_grad():
@@ -171,11 +162,26 @@ def test_bias_balancing_keeps_every_expert_under_twice_its_share() -> None:
     assert on.max() <= 2 * fair, on
 
 
+def test_mtp_adds_a_training_loss_only() -> None:
+    model = random_model(ds_config(mtp_depth=1))
+    plain = random_model(ds_config(mtp_depth=0))
+    missing = plain.load_state_dict(model.state_dict(), strict=False).unexpected_keys
+    assert missing and all(k.startswith("mtp.") for k in missing)  # the trunk is the same network
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        inference = model.eval()(x[:, :-1], targets=x[:, 1:])
+        torch.testing.assert_close(inference, plain.eval()(x[:, :-1], targets=x[:, 1:]))
+    loss = model.train()(x[:, :-1], targets=x[:, 1:])
+    assert loss.item() > inference.item()  # + 0.3 x the t+2 prediction loss
+    loss.backward()
+    assert model.mtp is not None and all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp.parameters())
+
+
 def test_bias_is_saved_and_restored(tmp_path: Path) -> None:
     from nanoctl.checkpoint import load_model
     from tiny_chat import save_model
 
-    model = random_ds(ds_config())
+    model = random_model(ds_config())
     with torch.no_grad():
         model.transformer.h[2].mlp.expert_bias.copy_(torch.tensor([0.5, -0.5, 0.25, 0.0]))
     assert "transformer.h.2.mlp.expert_bias" in model.state_dict()
@@ -296,7 +302,7 @@ def test_serve_decodes_what_the_engine_decodes() -> None:
     from nanoctl.engine import Engine, SamplingParams
     from tiny_chat import tiny_tokenizer
 
-    model = random_ds(ds_config(sequence_len=128))
+    model = random_model(ds_config(sequence_len=128))
     prompt = list(range(3, 40))
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
     with single_thread():
@@ -408,3 +414,49 @@ def test_moe_sigkill_then_resume_reproduces_losses_and_biases(ds_home: Path, tmp
     bias_keys = [k for k in a if k.endswith("expert_bias")]
     assert bias_keys and all(torch.equal(a[k], b[k]) for k in bias_keys)
     assert any(a[k].abs().sum() > 0 for k in bias_keys)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_deepseek(ds_home: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    home = tmp_path / "home"
+    shutil.copytree(ds_home, home)
+    flags = {**TINY, "num_iterations": 3, "eval_every": -1, "nproc_per_node": 2}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    env = dict(os.environ, NANOCTL_HOME=str(home), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "nanoctl", "pretrain", *args], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "x 2 process(es)" in proc.stderr
+    state = torch.load(home / "checkpoints" / "base" / "ds" / "model_000003.pt", map_location="cpu")
+    assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("expert_bias"))
+
+
+def _bias_rank(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = random_model(ds_config())
+    moe = model.transformer.h[1].mlp
+    moe.expert_bias.zero_()
+    moe.expert_load.copy_(torch.tensor([[9.0, 1.0, 1.0, 1.0], [0.0, 0.0, 5.0, 7.0]][rank]))  # disagreeing ranks
+    model.after_optimizer_step()
+    gathered = [torch.zeros(4) for _ in range(2)]
+    dist.all_gather(gathered, moe.expert_bias)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: tens of seconds of imports on a busy box
+def test_ranks_sum_their_loads_so_biases_stay_identical(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "biases.pt"
+    mp.spawn(_bias_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    a, b = torch.load(out)
+    assert torch.equal(a, b)
+    # summed load [9, 1, 6, 8] (mean 6): expert 0 and 3 overloaded, 1 underloaded, 2 exactly fair
+    assert torch.equal(a, torch.tensor([-1e-3, 1e-3, 0.0, -1e-3]))
