@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,3 +129,23 @@ def save_model(
     meta = {"model_config": model.config.to_dict(), "stage": stage, "step": step}
     save_checkpoint(directory, step, model.state_dict(), None, meta)
     return directory
+
+
+def hf_logits_without_nanoctl(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of the HF export in `hf_dir` for `ids` (1, T), computed in a fresh interpreter
+    where `import nanoctl` fails: the shipped remote code must be self-contained."""
+    script = (
+        "import sys, json, torch\n"
+        "sys.modules['nanoctl'] = None  # any import of nanoctl now raises ImportError\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}, trust_remote_code=True)\n"
+        f"ids = torch.tensor({ids.tolist()})\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps(m(input_ids=ids).logits[0, -1].tolist()))\n"
+        "assert not [k for k in sys.modules if k.startswith('nanoctl.')]\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=hf_dir.parent
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.tensor(json.loads(r.stdout.strip().splitlines()[-1]))

@@ -1,10 +1,11 @@
-"""HF transformers interop: the classic arch == transformers' NanoChatForCausalLM; the current arch ==
-our remote code (export/remote_code/modeling_nanoctl.py, loaded with trust_remote_code=True).
+"""HF transformers interop: the classic arch == transformers' NanoChatForCausalLM; the current and deepseek
+archs == our remote code (export/remote_code/modeling_nanoctl.py, loaded with trust_remote_code=True).
 
 `to_hf_config` gives config.json fields for NanoChatConfig; `to_hf_state_dict` / `from_hf_state_dict` map
 state-dict keys between nanochat's names and HF's (same tensors, no transposes). HF NanoChat has no sliding
 windows, value embeddings, scalars, smear or backout, so the current arch goes through `to_remote_config` /
-`to_remote_state_dict` instead (same module names as HF NanoChat for the shared parts, so PEFT targets match).
+`to_remote_state_dict` instead (same module names as HF NanoChat for the shared parts, so PEFT targets match;
+deepseek's MLA/MoE tensors take transformers' DeepseekV3 names, the expert stacks kept as they are).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from nanoctl.model.gpt import (
 HF_EXPORTS = {
     "classic": "transformers' own NanoChatForCausalLM",
     "current": "remote code (modeling_nanoctl.py, trust_remote_code=True)",
+    "deepseek": "remote code (modeling_nanoctl.py, trust_remote_code=True)",
 }
-# What the archs without an export add over the ones with one (named in the refusal).
-_ARCH_FEATURES = {"deepseek": "Multi-head Latent Attention and DeepSeekMoE layers"}
+REMOTE_ARCHS = ("current", "deepseek")
 REMOTE_CODE_DIR = Path(__file__).parent / "remote_code"
 REMOTE_CODE_FILES = ("configuration_nanoctl.py", "modeling_nanoctl.py")
 REMOTE_AUTO_MAP = {
@@ -49,6 +50,31 @@ _REMOTE_TOP_KEYS = {
     "backout_lambda": "model.backout_lambda",
 }
 
+# deepseek layer tensors: nanoctl name -> remote-code name (DeepseekV3's names; experts stay stacked)
+_DEEPSEEK_ATTN_KEYS = {
+    "attn.c_q.weight": "self_attn.q_proj.weight",  # q_lora_rank == 0
+    "attn.kv_down.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_up.weight": "self_attn.kv_b_proj.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+}
+_DEEPSEEK_Q_LORA_KEYS = {
+    "attn.q_down.weight": "self_attn.q_a_proj.weight",
+    "attn.c_q.weight": "self_attn.q_b_proj.weight",
+}
+_DEEPSEEK_DENSE_KEYS = {"mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_proj.weight": "mlp.fc2.weight"}
+_DEEPSEEK_MOE_KEYS = {
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.expert_bias": "mlp.gate.e_score_correction_bias",
+    "mlp.w_fc": "mlp.experts.fc1",
+    "mlp.w_proj": "mlp.experts.fc2",
+}
+_DEEPSEEK_SHARED_KEYS = {
+    "mlp.shared.c_fc.weight": "mlp.shared_experts.fc1.weight",
+    "mlp.shared.c_proj.weight": "mlp.shared_experts.fc2.weight",
+}
+# Training-only tensors: multi-token prediction is not part of generation, so it is left out.
+_TRAINING_ONLY_PREFIXES = ("mtp.",)
+
 _HF_LAYER_KEYS = {
     "attn.c_q.weight": "self_attn.q_proj.weight",
     "attn.c_k.weight": "self_attn.k_proj.weight",
@@ -60,11 +86,10 @@ _HF_LAYER_KEYS = {
 
 
 def require_exportable(config: GPTConfig) -> None:
-    """Raise a UsageError naming the arch (and what it adds) when no HF export exists for it."""
+    """Raise a UsageError naming the arch when no HF export exists for it."""
     if config.arch in HF_EXPORTS:
         return
-    feature = _ARCH_FEATURES.get(config.arch)
-    what = f"the {config.arch!r} arch" + (f" ({feature})" if feature else "")
+    what = f"the {config.arch!r} arch"
     known = "; ".join(f"{arch}: {how}" for arch, how in HF_EXPORTS.items())
     raise UsageError(
         f"{what} has no Hugging Face export yet (model_config arch={config.arch!r})",
@@ -149,8 +174,8 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -
 def to_remote_config(
     config: GPTConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
 ) -> dict[str, Any]:
-    """`config.json` for the remote-code NanoctlConfig (current arch), with its auto_map."""
-    if config.arch != "current":
+    """`config.json` for the remote-code NanoctlConfig (current or deepseek arch), with its auto_map."""
+    if config.arch not in REMOTE_ARCHS:
         require_exportable(config)
         raise UsageError(f"the {config.arch!r} arch does not export through modeling_nanoctl.py")
     out: dict[str, Any] = {
@@ -160,42 +185,83 @@ def to_remote_config(
         "arch": config.arch,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
-        "intermediate_size": 4 * config.n_embd,
+        "intermediate_size": 4 * config.n_embd,  # the dense MLP (deepseek: its first layers')
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
+        "num_key_value_heads": config.n_kv_head,  # deepseek: n_head (MLA has no separate KV heads)
         "max_position_embeddings": config.sequence_len,
         "rope_theta": ROPE_BASE[config.arch],
         "window_sizes": window_sizes(config),
-        "value_embed_layers": [i for i in range(config.n_layer) if has_ve(i, config.n_layer)],
-        "ve_gate_channels": VE_GATE_CHANNELS,
-        "smear_gate_channels": SMEAR_GATE_CHANNELS,
-        "backout_layer": config.n_layer // 2,
-        "qk_scale": QK_SCALE,
         "final_logit_softcapping": SOFTCAP,
         "tie_word_embeddings": False,
     }
+    if config.arch == "deepseek":
+        out.update(
+            n_routed_experts=config.n_experts,
+            num_experts_per_tok=config.top_k,
+            n_shared_experts=config.n_shared_experts,
+            moe_intermediate_size=config.moe_intermediate_size,
+            first_k_dense_replace=config.n_dense_layers,
+            kv_lora_rank=config.kv_lora_rank,
+            q_lora_rank=config.q_lora_rank,
+            qk_rope_head_dim=config.qk_rope_head_dim,
+            qk_nope_head_dim=config.qk_nope_head_dim,
+            v_head_dim=config.v_head_dim,
+        )
+    else:
+        out.update(
+            value_embed_layers=[i for i in range(config.n_layer) if has_ve(i, config.n_layer)],
+            ve_gate_channels=VE_GATE_CHANNELS,
+            smear_gate_channels=SMEAR_GATE_CHANNELS,
+            backout_layer=config.n_layer // 2,
+            qk_scale=QK_SCALE,
+        )
     return _with_special_ids(out, bos_token_id, eos_token_id)
 
 
-def to_remote_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """nanochat keys -> remote-code keys (current arch). Vocab-padded tables are cropped to vocab_size.
+def _deepseek_layer_keys(config: GPTConfig) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for i in range(config.n_layer):
+        layer = dict(_DEEPSEEK_ATTN_KEYS)
+        if config.q_lora_rank:
+            layer.update(_DEEPSEEK_Q_LORA_KEYS)
+        if i < config.n_dense_layers:
+            layer.update(_DEEPSEEK_DENSE_KEYS)
+        else:
+            layer.update(_DEEPSEEK_MOE_KEYS)
+            if config.n_shared_experts:
+                layer.update(_DEEPSEEK_SHARED_KEYS)
+        mapping.update(
+            {f"transformer.h.{i}.{ours}": f"model.layers.{i}.{theirs}" for ours, theirs in layer.items()}
+        )
+    return mapping
 
-    Every tensor must map: one this exporter does not know (a newer variant) is refused by name rather
-    than dropped, since dropping it would give a model with wrong logits.
+
+def to_remote_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """nanochat keys -> remote-code keys (current or deepseek arch). Vocab-padded tables are cropped to
+    vocab_size; deepseek's training-only multi-token-prediction tensors (mtp.*) are left out.
+
+    Every other tensor must map: one this exporter does not know (a newer variant) is refused by name
+    rather than dropped, since dropping it would give a model with wrong logits.
     """
-    if config.arch != "current":
+    if config.arch not in REMOTE_ARCHS:
         raise UsageError(f"the {config.arch!r} arch does not export through modeling_nanoctl.py")
     sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
     V = config.vocab_size
     mapping = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
-    mapping.update({k: v for k, v in _REMOTE_TOP_KEYS.items()})
-    for i in range(config.n_layer):
-        for ours, theirs in _HF_LAYER_KEYS.items():
-            mapping[f"transformer.h.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
-        if has_ve(i, config.n_layer):
-            mapping[f"transformer.h.{i}.attn.ve_gate.weight"] = f"model.layers.{i}.self_attn.ve_gate.weight"
-            mapping[f"value_embeds.{i}.weight"] = f"model.value_embeds.{i}.weight"
+    if config.arch == "deepseek":
+        sd = {k: v for k, v in sd.items() if not k.startswith(_TRAINING_ONLY_PREFIXES)}
+        mapping.update(_deepseek_layer_keys(config))
+    else:
+        mapping.update(_REMOTE_TOP_KEYS)
+        for i in range(config.n_layer):
+            for ours, theirs in _HF_LAYER_KEYS.items():
+                mapping[f"transformer.h.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+            if has_ve(i, config.n_layer):
+                mapping[f"transformer.h.{i}.attn.ve_gate.weight"] = (
+                    f"model.layers.{i}.self_attn.ve_gate.weight"
+                )
+                mapping[f"value_embeds.{i}.weight"] = f"model.value_embeds.{i}.weight"
     unknown = sorted(set(sd) - set(mapping))
     if unknown:
         raise UsageError(
@@ -205,7 +271,8 @@ def to_remote_state_dict(state_dict: dict[str, torch.Tensor], config: GPTConfig)
     missing = sorted(set(mapping) - set(sd))
     if missing:
         raise UsageError(
-            f"checkpoint lacks tensor {missing[0]!r}", "the checkpoint is incomplete or not current-arch"
+            f"checkpoint lacks tensor {missing[0]!r}",
+            f"the checkpoint is incomplete or not {config.arch}-arch",
         )
     vocab_tables = {"transformer.wte.weight", "lm_head.weight"} | {
         k for k in mapping if k.startswith("value_embeds.")

@@ -3,8 +3,8 @@
 Writes config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
 special_tokens_map.json into a temp directory beside OUTDIR, then renames it into place. The classic arch
 loads as transformers' own NanoChatForCausalLM; the current arch (value embeddings, sliding windows,
-smear, backout, residual lambdas) also gets configuration_nanoctl.py + modeling_nanoctl.py and an auto_map
-(load with trust_remote_code=True). No torch at import (the CLI reads ExportHFOptions).
+smear, backout, residual lambdas) and the deepseek arch (MLA, DeepSeekMoE) also get
+configuration_nanoctl.py + modeling_nanoctl.py and an auto_map (load with trust_remote_code=True). No torch at import (the CLI reads ExportHFOptions).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def write_hf_directory(
     """Write weights `state` (nanochat keys) of a `config` model with tokenizer `tok` as a transformers
     directory at `out` (replaced if present, atomically). Returns the file names written.
 
-    classic -> transformers' NanoChatForCausalLM; current -> NanoctlForCausalLM with the remote code copied
-    in (trust_remote_code=True). Any other arch is refused naming it. Also used by benches and tests.
+    classic -> transformers' NanoChatForCausalLM; current and deepseek -> NanoctlForCausalLM with the remote
+    code copied in (trust_remote_code=True). Any other arch is refused naming it. Also used by benches and tests.
     """
     import torch
     from safetensors.torch import save_file

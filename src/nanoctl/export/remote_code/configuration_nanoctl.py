@@ -13,11 +13,18 @@ except ImportError:  # transformers < 5 spells it PretrainedConfig
 
 
 class NanoctlConfig(PreTrainedConfig):
-    """nanochat's current architecture (value embeddings, sliding windows, smear, backout, scalars).
+    """A nanoctl architecture family, picked by `arch`:
 
-    `window_sizes[i]`: how far back layer i's queries see (a key at distance <= window is visible);
-    -1 = the whole context. `value_embed_layers`: the layers with a value embedding. `arch` picks the
-    attention/MLP classes in modeling_nanoctl.py (one entry per architecture family).
+    - "current": nanochat's current architecture (value embeddings, sliding windows, smear, backout,
+      scalars). `window_sizes[i]`: how far back layer i's queries see (a key at distance <= window is
+      visible); -1 = the whole context. `value_embed_layers`: the layers with a value embedding.
+    - "deepseek": the classic trunk (no scalars, smear, backout or value embeddings) with Multi-head Latent
+      Attention (`kv_lora_rank`, `q_lora_rank` (0 = no query bottleneck), `qk_rope_head_dim`,
+      `qk_nope_head_dim`, `v_head_dim`) and DeepSeekMoE after the first `first_k_dense_replace` dense
+      layers (`n_routed_experts`, `num_experts_per_tok`, `n_shared_experts`, `moe_intermediate_size`).
+      Field names follow transformers' DeepseekV3Config.
+
+    `arch` picks the attention/MLP classes in modeling_nanoctl.py (one entry per architecture family).
     """
 
     model_type = "nanoctl"
@@ -41,6 +48,16 @@ class NanoctlConfig(PreTrainedConfig):
         backout_layer: int | None = None,
         qk_scale: float = 1.2,
         final_logit_softcapping: float | None = 15.0,
+        n_routed_experts: int = 0,
+        num_experts_per_tok: int = 0,
+        n_shared_experts: int = 0,
+        moe_intermediate_size: int = 0,
+        first_k_dense_replace: int = 0,
+        kv_lora_rank: int = 0,
+        q_lora_rank: int = 0,
+        qk_rope_head_dim: int = 0,
+        qk_nope_head_dim: int = 0,
+        v_head_dim: int = 0,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
@@ -63,6 +80,16 @@ class NanoctlConfig(PreTrainedConfig):
         self.backout_layer = num_hidden_layers // 2 if backout_layer is None else backout_layer
         self.qk_scale = qk_scale
         self.final_logit_softcapping = final_logit_softcapping
+        self.n_routed_experts = n_routed_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_shared_experts = n_shared_experts
+        self.moe_intermediate_size = moe_intermediate_size
+        self.first_k_dense_replace = first_k_dense_replace
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.v_head_dim = v_head_dim
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -1,4 +1,5 @@
-"""A nanoctl model (nanochat's current architecture) for Hugging Face transformers (remote code).
+"""A nanoctl model (nanochat's current architecture, or the deepseek variant) for Hugging Face
+transformers (remote code).
 
 Shipped in every exported directory with configuration_nanoctl.py; load it with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Self-contained: torch and
@@ -17,8 +18,23 @@ Module names follow transformers' NanoChat (model.layers.N.self_attn.q_proj, mlp
 usual target modules apply. Attention and MLP are separate classes looked up by `config.arch`
 (ATTENTION_CLASSES, MLP_CLASSES) so another architecture family can add its own pieces beside these.
 
+arch "deepseek" (nanoctl's model/mla.py, model/moe.py, model/deepseek.py): the classic trunk (no scalars,
+smear, backout or value embeddings; RoPE base 10k) with
+- Multi-head Latent Attention: per token a latent c = rms_norm(first kv_lora_rank channels of
+  kv_a_proj_with_mqa(x)) and one rope key k_r (the rest, rotated) shared by all heads; head h's key is
+  [W_uk,h c, k_r], its value W_uv,h c (kv_b_proj = [W_uk; W_uv] per head); its query [q_nope, rope(q_r)]
+  (q_proj, or q_b_proj(rms_norm(q_a_proj(x)))); no QK-norm; scale 1 / sqrt(nope + rope dims)
+- DeepSeekMoE after the first `first_k_dense_replace` dense layers: shared experts (one MLP of
+  n_shared_experts x moe_intermediate_size) + routed ReLU^2 experts stored as (E, out, in) stacks; the
+  router picks the top-k of sigmoid(W_g x) + e_score_correction_bias (the bias only selects) and weights
+  the chosen sigmoid scores normalized to sum 1
+- nanoctl's multi-token prediction module is training-only and is not exported.
+
 The KV cache is transformers' DynamicCache with full-length layers; the sliding windows are applied by
-the attention mask, so every layer's cache holds the whole sequence (simple, and exact).
+the attention mask, so every layer's cache holds the whole sequence (simple, and exact). For deepseek the
+cache holds only what MLA needs, as nanoctl's own: key slot = the rotated rope key (B, 1, T, rope), value
+slot = the latent (B, 1, T, kv_lora_rank); cached steps attend in latent space ("absorbed": q_nope folded
+through W_uk, the output read through W_uv), uncached forwards decompress K/V, each as nanoctl does.
 """
 
 from __future__ import annotations
@@ -137,18 +153,152 @@ class NanoctlAttention(nn.Module):
 class NanoctlMLP(nn.Module):
     """fc2(relu(fc1(x))^2), no biases."""
 
-    def __init__(self, config: NanoctlConfig, layer_idx: int) -> None:
+    def __init__(self, config: NanoctlConfig, layer_idx: int, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        hidden = intermediate_size or config.intermediate_size
+        self.fc1 = nn.Linear(config.hidden_size, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x)).square())
 
 
+class NanoctlLatentAttention(nn.Module):
+    """Multi-head Latent Attention with decoupled RoPE (arch "deepseek"); see the module docstring."""
+
+    def __init__(self, config: NanoctlConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = H = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.rank = config.v_head_dim, config.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        hidden = config.hidden_size
+        self.window = config.window_sizes[layer_idx]
+        self.scale = 1.0 / math.sqrt(qk_dim)
+        if config.q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope_dim, bias=False)
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        value_embed: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        masks: dict[int, torch.Tensor],
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, nope, rope = self.num_heads, self.nope_dim, self.rope_dim
+        cos, sin = cos_sin
+        q = self.q_b_proj(rms_norm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q_nope, q_rope = q.view(B, T, H, nope + rope).split([nope, rope], dim=-1)
+        q_rope = apply_rotary(q_rope, cos, sin)
+        kv = self.kv_a_proj_with_mqa(x)
+        latent = rms_norm(kv[..., : self.rank])
+        k_rope = apply_rotary(kv[..., self.rank :].unsqueeze(2), cos, sin)  # (B, T, 1, rope)
+        mask = masks[self.window]
+        if cache is None:
+            # Decompress per-head K/V (nanoctl's training / full-recompute path).
+            k_nope, v = self.kv_b_proj(latent).view(B, T, H, nope + self.v_dim).split([nope, self.v_dim], -1)
+            q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
+            k = torch.cat([k_nope, k_rope.expand(B, T, H, rope)], dim=-1).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+            y = y.transpose(1, 2)
+        else:
+            # Latent space: one shared key/value "head" [c, k_r] / c, so the cache stays small.
+            w = self.kv_b_proj.weight.view(H, nope + self.v_dim, self.rank)
+            w_uk, w_uv = w[:, :nope], w[:, nope:]
+            q = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_rope], dim=-1).transpose(1, 2)
+            rope_keys, latents = cache.update(k_rope.transpose(1, 2), latent.unsqueeze(1), self.layer_idx)
+            keys = torch.cat([latents, rope_keys], dim=-1)  # (B, 1, Tk, rank + rope)
+            y = F.scaled_dot_product_attention(
+                q, keys, latents, attn_mask=mask, scale=self.scale, enable_gqa=H > 1
+            )  # (B, H, T, rank)
+            y = torch.einsum("bhtr,hvr->bthv", y, w_uv)
+        return self.o_proj(y.reshape(B, T, H * self.v_dim))
+
+
+class NanoctlRouter(nn.Module):
+    """Sigmoid top-k routing with a selection-only bias (DeepSeek-V3's auxiliary-loss-free balancing)."""
+
+    def __init__(self, config: NanoctlConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C) -> chosen experts (N, k) and their normalized gate weights (N, k), fp32."""
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        biased = scores + self.e_score_correction_bias.float()
+        chosen = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, chosen)
+        return chosen, weights / weights.sum(dim=-1, keepdim=True)
+
+
+class NanoctlExperts(nn.Module):
+    """The routed ReLU^2 experts as (E, out, in) stacks: fc1 (E, hidden, C), fc2 (E, C, hidden)."""
+
+    def __init__(self, config: NanoctlConfig) -> None:
+        super().__init__()
+        E, C, hidden = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.fc1 = nn.Parameter(torch.empty(E, hidden, C))
+        self.fc2 = nn.Parameter(torch.empty(E, C, hidden))
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of weight * expert(x); token-expert pairs grouped by expert
+        (one matmul per expert, as nanoctl's model/moe.py)."""
+        k = chosen.size(1)
+        flat_expert = chosen.flatten()
+        order = torch.argsort(flat_expert, stable=True)
+        token = order // k
+        counts = torch.bincount(flat_expert, minlength=self.fc1.size(0))
+        xs = x.index_select(0, token)
+        parts = []
+        for e, seg in enumerate(xs.split(counts.tolist())):
+            if seg.size(0):
+                parts.append(F.linear(F.relu(F.linear(seg, self.fc1[e])).square(), self.fc2[e]))
+        ys = torch.cat(parts) * weights.flatten().index_select(0, order).unsqueeze(1)
+        return torch.zeros_like(x).index_add(0, token, ys)
+
+
+class NanoctlMoE(nn.Module):
+    """DeepSeekMoE: shared experts (always on) + routed experts weighted by the router."""
+
+    def __init__(self, config: NanoctlConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.gate = NanoctlRouter(config)
+        self.experts = NanoctlExperts(config)
+        shared = config.n_shared_experts * config.moe_intermediate_size
+        self.shared_experts = NanoctlMLP(config, layer_idx, shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)
+        chosen, weights = self.gate(flat)
+        out = self.experts(flat, chosen, weights.to(x.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(B, T, C)
+
+
 # One entry per architecture family (config.arch); a new family registers its attention and MLP here.
-ATTENTION_CLASSES: dict[str, type[nn.Module]] = {"current": NanoctlAttention}
-MLP_CLASSES: dict[str, type[nn.Module]] = {"current": NanoctlMLP}
+# The first `first_k_dense_replace` layers use the dense NanoctlMLP whatever the family.
+ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
+    "current": NanoctlAttention,
+    "deepseek": NanoctlLatentAttention,
+}
+MLP_CLASSES: dict[str, type[nn.Module]] = {"current": NanoctlMLP, "deepseek": NanoctlMoE}
+# Families with nanochat's trunk extras (residual/x0 scalars, smear, backout); the others are classic.
+TRUNK_EXTRAS = {"current"}
 
 
 class NanoctlDecoderLayer(nn.Module):
@@ -162,7 +312,8 @@ class NanoctlDecoderLayer(nn.Module):
                 f"({', '.join(sorted(ATTENTION_CLASSES))}); re-export with a newer nanoctl"
             )
         self.self_attn = ATTENTION_CLASSES[config.arch](config, layer_idx)
-        self.mlp = MLP_CLASSES[config.arch](config, layer_idx)
+        dense = layer_idx < config.first_k_dense_replace
+        self.mlp = (NanoctlMLP if dense else MLP_CLASSES[config.arch])(config, layer_idx)
 
     def forward(
         self,
@@ -190,9 +341,14 @@ class NanoctlPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Only used for a fresh (not loaded) model; nanoctl checkpoints bring every tensor.
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, NanoctlRouter)):
             module.weight.normal_(0.0, std)
-        elif isinstance(module, NanoctlModel):
+            if isinstance(module, NanoctlRouter):
+                module.e_score_correction_bias.zero_()
+        elif isinstance(module, NanoctlExperts):
+            module.fc1.normal_(0.0, std)
+            module.fc2.normal_(0.0, std)
+        elif isinstance(module, NanoctlModel) and module.extras:
             module.resid_lambdas.fill_(1.0)
             module.x0_lambdas.zero_()
             module.smear_lambda.zero_()
@@ -200,7 +356,8 @@ class NanoctlPreTrainedModel(PreTrainedModel):
 
 
 class NanoctlModel(NanoctlPreTrainedModel):
-    """The trunk: embeddings, smear, scaled residuals, layers, backout, final norm (no head)."""
+    """The trunk: embeddings, smear, scaled residuals, layers, backout, final norm (no head); the families
+    outside TRUNK_EXTRAS (deepseek) have none of smear, scalars or backout."""
 
     def __init__(self, config: NanoctlConfig) -> None:
         super().__init__(config)
@@ -211,11 +368,15 @@ class NanoctlModel(NanoctlPreTrainedModel):
         self.value_embeds = nn.ModuleDict(
             {str(i): nn.Embedding(config.vocab_size, kv_dim) for i in config.value_embed_layers}
         )
-        self.resid_lambdas = nn.Parameter(torch.ones(n))
-        self.x0_lambdas = nn.Parameter(torch.zeros(n))
-        self.smear_gate = nn.Linear(config.smear_gate_channels, 1, bias=False)
-        self.smear_lambda = nn.Parameter(torch.zeros(1))
-        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.extras = config.arch in TRUNK_EXTRAS
+        if self.extras:
+            self.resid_lambdas = nn.Parameter(torch.ones(n))
+            self.x0_lambdas = nn.Parameter(torch.zeros(n))
+            self.smear_gate = nn.Linear(config.smear_gate_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
+        # MLA rotates only its decoupled rope part of each head
+        self.rotary_dim = config.qk_rope_head_dim if config.arch == "deepseek" else config.head_dim
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -282,7 +443,7 @@ class NanoctlModel(NanoctlPreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(T, device=input_ids.device) + past).unsqueeze(0).expand(B, T)
         x = rms_norm(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
-        cos_sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos_sin = rotary_cos_sin(position_ids, self.rotary_dim, self.config.rope_theta, x.dtype)
         key_padding = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             key_padding = attention_mask[:, -(past + T) :]
@@ -291,14 +452,16 @@ class NanoctlModel(NanoctlPreTrainedModel):
             w: attention_mask_for(q_pos, past + T, w, key_padding) for w in set(self.config.window_sizes)
         }
 
-        x = self._smear(x, cache, past, key_padding, prev_token_ids)
+        if self.extras:
+            x = self._smear(x, cache, past, key_padding, prev_token_ids)
         x0, x_backout = x, None
         for i, layer in enumerate(self.layers):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if self.extras:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             key = str(i)
             value_embed = self.value_embeds[key](input_ids).to(x.dtype) if key in self.value_embeds else None
             x = layer(x, value_embed, cos_sin, masks, cache)
-            if i == self.config.backout_layer:
+            if self.extras and i == self.config.backout_layer:
                 x_backout = x
         if x_backout is not None:
             # Remove part of the mid-depth residual (low-level features) before the head.
