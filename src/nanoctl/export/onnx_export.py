@@ -28,6 +28,7 @@ from nanoctl.options import START, option
 ARCHS = ("current", "classic")  # the architectures OnnxDecoder implements
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the dynamo exporter's floor
+MAX_OPSET = 25  # the newest that exported and ran in onnxruntime 1.32 (23+ use its RMSNormalization op)
 VERIFY_TOLERANCE = 1e-3  # max |logit difference| of the fp32 graph vs our model on the check prompt
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB: bigger weights go to OUT.onnx.data
 INSTALL_HINT = 'pip install "nanoctl[export]"  (pipx: pipx inject nanoctl onnx onnxruntime onnxscript)'
@@ -43,15 +44,16 @@ class ExportOnnxOptions:
     tag: str | None = option(None, help="Model tag, e.g. d20 (default: largest d<N>).", panel=START)
     step: int | None = option(None, help="Checkpoint step (default: latest).", panel=START)
     int8: bool = option(False, help="Quantize the weight matmuls to int8 (onnxruntime dynamic quantization).")
-    opset: int = option(DEFAULT_OPSET, help=f"ONNX opset version (>= {MIN_OPSET}).")
+    opset: int = option(DEFAULT_OPSET, help=f"ONNX opset version ({MIN_OPSET} to {MAX_OPSET}).")
     force: bool = option(False, help="Replace OUT if it exists.")
 
     def validate(self) -> None:
         if self.step is not None and self.step < 0:
             raise UsageError(f"--step {self.step} must be >= 0")
-        if self.opset < MIN_OPSET:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise UsageError(
-                f"--opset {self.opset} is too old", f"the exporter needs opset {MIN_OPSET} or newer"
+                f"--opset {self.opset} is out of range",
+                f"use {MIN_OPSET} (the default, for older runtimes) to {MAX_OPSET}",
             )
 
 
