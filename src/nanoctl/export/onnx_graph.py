@@ -40,7 +40,7 @@ def output_names(model: GPT) -> list[str]:
 
 
 def empty_state(model: GPT, batch: int = 1, past: int = 0) -> list[torch.Tensor]:
-    """Zero state for a fresh sequence (past=0), or random-shaped example state for tracing (past>0)."""
+    """Zero state: a fresh sequence (past=0), or an example of `past` cached positions for tracing."""
     cfg = model.config
     kv = torch.zeros(batch, cfg.n_kv_head, past, cfg.head_dim)
     state = [kv.clone() for _ in range(2 * cfg.n_layer)]
