@@ -190,6 +190,9 @@ def test_export_and_cli_from_a_checkpoint(home: Path, tmp_path: Path) -> None:
     assert json.loads(r.output.strip().splitlines()[-1])["arch"] == "deepseek"
     hf = _load(tmp_path / "o")
     assert hf.dtype == torch.bfloat16
+    # the routing bias stays fp32 (as ours in every compute dtype): a rounded one could pick other experts
+    bias = hf.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and torch.equal(bias, m.transformer.h[1].mlp.expert_bias)
     idx = _prompt(30)
     with torch.no_grad():
         logits = hf(input_ids=idx).logits.float()

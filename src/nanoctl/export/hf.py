@@ -72,6 +72,9 @@ _DEEPSEEK_SHARED_KEYS = {
     "mlp.shared.c_fc.weight": "mlp.shared_experts.fc1.weight",
     "mlp.shared.c_proj.weight": "mlp.shared_experts.fc2.weight",
 }
+# Kept fp32 whatever --dtype: the routing bias only ranks experts, and ours stays fp32 in every compute
+# dtype (a bf16-rounded bias could pick other experts than nanoctl does).
+FP32_TENSOR_SUFFIXES = ("e_score_correction_bias",)
 # Training-only tensors: multi-token prediction is not part of generation, so it is left out.
 _TRAINING_ONLY_PREFIXES = ("mtp.",)
 

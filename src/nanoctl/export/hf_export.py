@@ -96,7 +96,10 @@ def write_hf_directory(
         code = hf.REMOTE_CODE_FILES
     hf_config["dtype"] = DTYPES[dtype]
     torch_dtype = getattr(torch, DTYPES[dtype])
-    tensors = {k: v.detach().to(torch_dtype).contiguous().clone() for k, v in mapped.items()}
+    tensors = {}
+    for k, v in mapped.items():
+        saved = torch.float32 if k.endswith(hf.FP32_TENSOR_SUFFIXES) else torch_dtype
+        tensors[k] = v.detach().to(saved).contiguous().clone()
     generation = {"bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": eos}
 
     out = Path(out).expanduser()
