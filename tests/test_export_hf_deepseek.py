@@ -151,6 +151,47 @@ def test_cache_holds_latent_and_rope_key_and_steps_match_full(exported: tuple[GP
     assert layer.values.shape == (1, 1, 60, cfg.kv_lora_rank)
 
 
+def test_beam_search_reorders_the_latent_cache(exported: tuple[GPT, Path]) -> None:
+    """Beams reorder the cached latents and rope keys: the cached beam search equals the uncached one."""
+    _, out = exported
+    hf = _load(out)
+    idx = _prompt(50)
+    beams = dict(num_beams=3, do_sample=False, max_new_tokens=10, min_new_tokens=10)
+    with torch.no_grad():
+        cached = hf.generate(idx, attention_mask=torch.ones_like(idx), use_cache=True, **beams)
+        uncached = hf.generate(idx, attention_mask=torch.ones_like(idx), use_cache=False, **beams)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_peft_lora_on_every_projection_trains_and_decodes_cached_as_uncached(
+    exported: tuple[GPT, Path],
+) -> None:
+    """LoRA on MLA's and the MLPs' projections: a training step runs, and the cached (absorbed) path uses
+    the adapted kv_b_proj too, so cached steps still give the uncached logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.cache_utils import DynamicCache
+
+    _, out = exported
+    targets = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "fc1", "fc2"]
+    hf = _load(out)
+    present = [t for t in targets if any(name.endswith(t) for name, _ in hf.named_modules())]
+    lora = get_peft_model(hf, LoraConfig(r=4, target_modules=present, init_lora_weights=False))
+    idx = _prompt(30)
+    lora.train()
+    loss = lora(input_ids=idx, labels=idx).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in lora.named_parameters() if "kv_b_proj.lora_" in n)
+    lora.eval()
+    with torch.no_grad():
+        full = lora(input_ids=idx).logits
+        cache = DynamicCache(config=hf.config)
+        steps = [lora(input_ids=idx[:, :20], cache=cache, use_cache=True).logits]
+        steps += [
+            lora(input_ids=idx[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(20, 30)
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
 def test_left_padded_batch_generates_each_row_as_alone(tmp_path: Path) -> None:
     m = ds_model()
     write_hf_directory(tmp_path / "hf", m.state_dict(), m.config, tiny_tokenizer())

@@ -212,7 +212,7 @@ class NanoctlLatentAttention(nn.Module):
             y = y.transpose(1, 2)
         else:
             # Latent space: one shared key/value "head" [c, k_r] / c, so the cache stays small.
-            w = self.kv_b_proj.weight.view(H, nope + self.v_dim, self.rank)
+            w = self._kv_b_weight(x).view(H, nope + self.v_dim, self.rank)
             w_uk, w_uv = w[:, :nope], w[:, nope:]
             q = torch.cat([torch.einsum("bthd,hdr->bthr", q_nope, w_uk), q_rope], dim=-1).transpose(1, 2)
             rope_keys, latents = cache.update(k_rope.transpose(1, 2), latent.unsqueeze(1), self.layer_idx)
@@ -222,6 +222,13 @@ class NanoctlLatentAttention(nn.Module):
             )  # (B, H, T, rank)
             y = torch.einsum("bhtr,hvr->bthv", y, w_uv)
         return self.o_proj(y.reshape(B, T, H * self.v_dim))
+
+    def _kv_b_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """kv_b_proj's (out, in) weight; under a wrapper (a PEFT LoRA, a quantized layer) `.weight` is not
+        the map applied, so read that off an identity: cached steps then see what uncached ones do."""
+        if type(self.kv_b_proj) is nn.Linear:
+            return self.kv_b_proj.weight
+        return self.kv_b_proj(torch.eye(self.rank, dtype=x.dtype, device=x.device)).T
 
 
 class NanoctlRouter(nn.Module):
