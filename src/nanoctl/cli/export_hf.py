@@ -16,8 +16,9 @@ DOC = """Export a checkpoint as a Hugging Face transformers directory.
 Writes config.json, generation_config.json, model.safetensors, tokenizer.json
 and tokenizer_config.json (with a chat template, tool calls included) into
 OUTDIR, atomically. The classic arch loads as transformers' own
-NanoChatForCausalLM; the current and deepseek archs also get modeling_nanoctl.py
-and configuration_nanoctl.py: load them with [cyan]trust_remote_code=True[/].
+NanoChatForCausalLM; the current and deepseek archs also get
+modeling_nanoctl.py and configuration_nanoctl.py: load them with
+[cyan]trust_remote_code=True[/].
 
 Example: [cyan]nanoctl export hf ./d20-hf --stage sft --dtype bf16[/]
 """
