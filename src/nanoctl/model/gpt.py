@@ -569,10 +569,10 @@ class GPT(nn.Module):
             return 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 0
         return cfg.n_kv_head, cfg.head_dim, cfg.head_dim
 
-    def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes one token occupies over all layers, in the compute dtype."""
+    def kv_bytes_per_token(self, itemsize: int | None = None) -> int:
+        """KV-cache bytes one token occupies over all layers, at `itemsize` bytes (default: compute dtype)."""
         heads, k_dim, v_dim = self.kv_layout()
-        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+        itemsize = itemsize or torch.empty((), dtype=self.compute_dtype).element_size()
         return self.config.n_layer * heads * (k_dim + v_dim) * itemsize
 
     def new_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
