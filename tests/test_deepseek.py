@@ -331,11 +331,13 @@ async def _serve_once(model: GPT, tok: object, prompt: list[int], params: object
 
 
 @pytest.mark.slow
-def test_pretrain_sft_chat_serve_eval(ds_home: Path, tmp_path: Path, shared_data: Path,
+def test_pretrain_mid_sft_rl_chat_serve_eval(ds_home: Path, tmp_path: Path, shared_data: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from nanoctl.checkpoint import load_model
     from nanoctl.engine import Engine, SamplingParams
+    from nanoctl.train.mid import MidOptions, mid
     from nanoctl.train.pretrain import PretrainOptions, pretrain
+    from nanoctl.train.rl import RLOptions, rl
     from nanoctl.train.sft import SFTOptions, sft
 
     home = tmp_path / "home"
@@ -348,10 +350,16 @@ def test_pretrain_sft_chat_serve_eval(ds_home: Path, tmp_path: Path, shared_data
     biases = torch.stack([m.mlp.expert_bias for m in base.transformer.h[1:]])
     assert biases.abs().sum() > 0  # the framework ran the balancing hook and the checkpoint kept it
 
+    r = mid(MidOptions(data_dir=str(shared_data), device="cpu", num_iterations=2, device_batch_size=2,
+                       eval_every=-1, eval_tokens=2 * 2 * 64, threads=1))  # fmt: skip
+    assert r.final_step == 2 and r.parent["stage"] == "base"
     r = sft(SFTOptions(data_dir=str(shared_data), device="cpu", num_iterations=2, device_batch_size=2,
                        target_examples_per_step=2, eval_every=-1, eval_steps=1, eval_metrics_every=-1,
                        eval_metrics_max_problems=2, threads=1))  # fmt: skip
-    assert r.final_step == 2 and r.parent["stage"] == "base" and r.val_loss == r.val_loss
+    assert r.final_step == 2 and r.parent["stage"] == "mid" and r.val_loss == r.val_loss
+    r = rl(RLOptions(data_dir=str(shared_data), device="cpu", num_iterations=1, examples_per_step=1, num_samples=2,
+                     device_batch_size=2, max_new_tokens=4, eval_every=-1, threads=1))  # fmt: skip
+    assert r.final_step == 1 and r.parent["stage"] == "sft"
 
     model, tok, _ = load_model(stage="sft", tag="ds", device="cpu", home=home)
     assert model.config.arch == "deepseek"
