@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=30, help="SFT steps of each run")
     p.add_argument("--pretrain-steps", type=int, default=150)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--lora-lr", type=float, default=None, help="unset: the stage's default (CPU 1e-2)")
     p.add_argument("--val", type=int, default=64, help="held-out conversations")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--home", type=Path, help="work here instead of a temp dir (kept; a second run reuses its base)")

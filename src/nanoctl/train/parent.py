@@ -60,9 +60,10 @@ class PostOptions(StageOptions):
         "all", help="Block matrices that get adapters, comma-separated: q, k, v, proj (attention output),"
         " fc (MLP up), mlp_proj (MLP down); all = every one.", panel=OPTIMIZATION,
     )
-    lora_lr: float = option(
-        1e-3, help="AdamW LR of the adapters (the stage's LR schedule applies; --*-lr and --init-lr-frac"
-        " are unused with --lora-rank).", panel=OPTIMIZATION,
+    lora_lr: float | None = option(
+        None, help="AdamW LR of the adapters (unset: 1e-3 on CUDA, 1e-2 on CPU for short tiny runs; the"
+        " stage's LR schedule applies; --*-lr and --init-lr-frac are unused with --lora-rank).",
+        panel=OPTIMIZATION,
     )
 
 
@@ -199,16 +200,18 @@ class PostStage(Stage):
 
         # checked first: a bad flag is a usage error whatever the home holds
         cfg = self.lora_config = make_config(o.lora_rank, o.lora_alpha, o.lora_dropout, o.lora_targets)
-        if o.lora_lr <= 0:
-            raise UsageError(f"--lora-lr {o.lora_lr} must be > 0")
+        # CPU: 30 steps of a tiny model barely move at 1e-3 (bench/RESULTS.md, LoRA); CUDA: LoRA's usual LR
+        lr = self.lora_lr = o.lora_lr if o.lora_lr is not None else (1e-3 if self.device.type == "cuda" else 1e-2)
+        if lr <= 0:
+            raise UsageError(f"--lora-lr {lr} must be > 0")
         plan = self.plan()
         # the stage's first line names where it writes: the adapter directory, not checkpoints/
         plan.lines[0] = plan.lines[0].replace(f"-> checkpoints/{self.name}/", f"-> adapters/{self.name}/", 1)
         plan.lines.append(
             f"lora: rank {cfg.rank}, alpha {cfg.alpha:g} (scale {cfg.scaling:g}), dropout {cfg.dropout:g},"
-            f" targets {','.join(cfg.targets)}; base weights frozen; AdamW LR {o.lora_lr:g} on the adapters"
+            f" targets {','.join(cfg.targets)}; base weights frozen; AdamW LR {lr:g} on the adapters"
         )
-        plan.resume_keys["lora"] = cfg.to_dict() | {"lr": o.lora_lr}
+        plan.resume_keys["lora"] = cfg.to_dict() | {"lr": lr}
         plan.meta["lora"] = cfg.to_dict()
         return plan
 
@@ -227,7 +230,7 @@ class PostStage(Stage):
 
         # AdamW, not Muon: A and B are thin factors whose product is the update; LoRA's LRs and
         # practice (and PEFT's) are AdamW's, and Muon's orthogonalized steps on a factor pair are untested.
-        lr = self.opts.lora_lr
+        lr = self.lora_lr
         optimizer = MuonAdamW([dict(kind="adamw", name="lora", params=lora_parameters(model), lr=lr,
                                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, initial_lr=lr)])
         return optimizer
