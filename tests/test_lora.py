@@ -126,13 +126,14 @@ def test_bad_targets_and_rank_are_usage_errors() -> None:
 # --- PEFT's format ----------------------------------------------------------------------------------------
 
 
-def test_peft_round_trip(home: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["classic", "current"])  # current: export hf with remote code
+def test_peft_round_trip(home: Path, tmp_path: Path, arch: str) -> None:
     """Our adapter on `export hf` of the base, loaded by PEFT, gives our logits; PEFT's save loads back."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from nanoctl.export.hf_export import ExportHFOptions, export_hf
 
-    model = tiny("classic")
+    model = tiny(arch)
     save_model(home, model, stage="base", tag="d2", step=0)
     export_hf(tmp_path / "hf", ExportHFOptions(), home=Home(home))
     add_lora(model, make_config(4, 16.0, 0.0, "all"))
@@ -142,7 +143,8 @@ def test_peft_round_trip(home: Path, tmp_path: Path) -> None:
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16.0
     assert sorted(config["target_modules"]) == ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                           trust_remote_code=arch == "current")
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     x = torch.randint(0, VOCAB, (2, 20))
     ours = model.eval()(x)
@@ -151,7 +153,7 @@ def test_peft_round_trip(home: Path, tmp_path: Path) -> None:
     assert (ours - theirs).abs().max() < 1e-4
     # the other way: what PEFT saves mounts on our model with the same result
     peft_model.save_pretrained(tmp_path / "from_peft")
-    fresh = tiny("classic")
+    fresh = tiny(arch)
     info = mount_adapter(fresh, tmp_path / "from_peft")
     assert info["rank"] == 4 and info["alpha"] == 16.0
     assert (fresh(x) - ours).abs().max() < 1e-5
