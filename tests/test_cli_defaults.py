@@ -102,6 +102,8 @@ ROWS: list[tuple[tuple[str, ...], type, dict[str, Field]]] = [
                 "device",
                 "dtype",
                 "unsafe_exec",
+                "quantize",
+                "lora",
             ),
             "task": "tasks",
             "no_progress": ("progress", operator.not_),

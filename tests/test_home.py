@@ -43,6 +43,7 @@ ENTRY_POINTS: dict[str, set[str]] = {
     "cache.py": {"list_artifacts", "resolve_targets"},
     "chat.py": {"load_chat_model"},
     "pipeline.py": {"run_pipeline"},
+    "nanochat_import.py": {"import_nanochat"},
     "serve/server.py": {"serve"},
     # the training stages: each entry point hands its home to run_stage, which resolves it once
     "train/stage.py": {"run_stage"},
