@@ -256,6 +256,18 @@ def test_cli_sft_lora_then_chat_eval_and_merge(home: Path, tmp_path: Path, share
     assert r.exit_code == 0, r.output
     assert list((home / "reports" / "d2").glob("eval_chat_sft-lora_000004.json"))
 
+    # eval base --lora scores base + adapter: the same bpb as the merged checkpoint, not the base's
+    def bpb(*args: str) -> float:
+        r = runner.invoke(app, ["eval", "base", *args, "--eval", "bpb", "--split-tokens", "256",
+                                "--device-batch-size", "2", "--device", "cpu", "--no-progress", "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["bpb"]["val"]
+
+    with_lora = bpb("--lora", str(adapter))
+    assert list((home / "reports" / "d2").glob("eval_base_sft-lora_000004.json"))
+    assert abs(with_lora - bpb("--stage", "sft", "--tag", "d2-merged")) < 1e-4
+    assert abs(with_lora - bpb("--stage", "base", "--tag", "d2")) > 1e-6
+
 
 def test_cli_bad_lora_flags_exit_2(home: Path) -> None:
     from nanoctl.cli.main import app

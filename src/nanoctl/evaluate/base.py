@@ -64,6 +64,10 @@ class BaseEvalOptions:
     dtype: str | None = option(
         None, help="Compute dtype: bfloat16, float16 or float32 (unset: bf16 on CUDA SM80+, else fp32)."
     )
+    lora: str | None = option(
+        None, help="Mount this LoRA adapter directory (base: the adapter's own unless --checkpoint/--tag/--step);"
+        " writes eval_base_<stage>-lora_*.", panel=MODEL,
+    )
     quantize: str = quantize_option()  # int8: records as <stage>-int8 beside the fp32 results
     progress: bool = option(True, help="Show progress (--no-progress: results only).")
     dry_run: bool = option(
@@ -357,23 +361,34 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
     opts, preset = resolve_options(opts, info.device.type)
     _validate(opts)
     master = info.is_master
-    ref = (
-        resolve_checkpoint_path(opts.checkpoint, opts.step)
-        if opts.checkpoint
-        else find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
-    )
+    if opts.lora is not None:
+        from nanoctl.adapters import adapter_parent, check_adapter_path
+
+        check_adapter_path(opts.lora)
+    if opts.lora is not None and not opts.checkpoint and opts.tag is None and opts.step is None:
+        ref = adapter_parent(opts.lora, home)  # --stage has a default, so only the others override
+    elif opts.checkpoint:
+        ref = resolve_checkpoint_path(opts.checkpoint, opts.step)
+    else:
+        ref = find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
     check_quantize(opts.quantize, info.device, dtype)
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
     model.eval()
     plan = plan_eval(opts, preset, ref, model, dtype, bundle_dir, info.world_size)
-    stage = ref.stage
+    stage, step = ref.stage, ref.step
+    if opts.lora is not None:
+        from nanoctl.model.lora import mount_adapter
+
+        meta["lora"] = lora = mount_adapter(model, opts.lora)
+        # its own record name (eval_base_sft-lora_<step>), so the base's results stay as they are
+        stage, step = f"{lora.get('stage', 'peft')}-lora", int(lora.get("step", ref.step))
     if opts.quantize != "none":  # after the plan: it counts the checkpoint's own parameters
         from nanoctl.model.quantize import quantize_model
 
         quantize_model(model, opts.quantize)
         stage = f"{stage}-{opts.quantize}"  # its own record (eval_base_base-int8_*): fp32's stays
-    result = BaseEvalResult(stage=stage, tag=ref.tag, step=ref.step, dry_run=opts.dry_run)
+    result = BaseEvalResult(stage=stage, tag=ref.tag, step=step, dry_run=opts.dry_run)
     if opts.dry_run:
         plan.estimate = estimate_eval(plan, opts, model, tokenizer, info.device, bundle_dir, info.world_size,
                                       time.perf_counter() - t0)
@@ -453,8 +468,8 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
         kind="base",
         stage=stage,
         tag=ref.tag,
-        step=ref.step,
-        model=model_summary(meta),
+        step=step,
+        model=model_summary(meta) | ({"lora": meta["lora"]} if "lora" in meta else {}),
         settings={
             "evals": list(opts.evals),
             "preset": preset,
