@@ -307,7 +307,11 @@ def run_stage(stage_cls: type[Stage], opts: Any, home: Any = None) -> StageResul
         return _result_from_checkpoint(stage, plan, wall0)
     info = dist.init_distributed(opts.device)
     try:
-        return _train(stage_cls, opts, home, info, wall0)
+        result = _train(stage_cls, opts, home, info, wall0)
+        # Every rank reaches the end before any tears down the group: rank 0 hosts the store, and a
+        # rank still talking to it when rank 0 exits dies in gloo ("terminate called ...").
+        dist.barrier()
+        return result
     finally:
         dist.cleanup()
 
