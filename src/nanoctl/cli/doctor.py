@@ -145,14 +145,20 @@ def doctor_cmd(ctx: typer.Context, json_output: JsonOption = False) -> None:
 
     Example: [cyan]nanoctl doctor[/]
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from rich.markup import escape
 
     from nanoctl.tools import sandbox
 
     home = home_of(ctx)
-    checks = [*_runtime_checks(), _rust_check()]
-    home_checks, nxt = _home_checks(home)
-    checks += [*home_checks, _sandbox_check()]
+    # The sandbox probe waits on subprocesses (ldd, bwrap) while importing torch keeps the interpreter
+    # busy: overlapping them keeps doctor near the cost of the torch import alone.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sandbox_check = pool.submit(_sandbox_check)
+        checks = [*_runtime_checks(), _rust_check()]
+        home_checks, nxt = _home_checks(home)
+        checks += [*home_checks, sandbox_check.result()]
     lay = sandbox.layers()
     report: dict[str, Any] = {
         "nanoctl": __version__,
