@@ -335,7 +335,7 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
     import torch
 
     from nanoctl import dist
-    from nanoctl.checkpoint import find_checkpoint, load_model, resolve_checkpoint_path
+    from nanoctl.checkpoint import load_model
     from nanoctl.device import compute_dtype, parse_dtype
     from nanoctl.evaluate.progress import EvalProgress
     from nanoctl.evaluate.results import EvalRecord, hardware_info, model_summary, write_record
@@ -362,15 +362,14 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
     _validate(opts)
     master = info.is_master
     if opts.lora is not None:
-        from nanoctl.adapters import adapter_parent, check_adapter_path
+        from nanoctl.adapters import check_adapter_path
 
         check_adapter_path(opts.lora)
-    if opts.lora is not None and not opts.checkpoint and opts.tag is None and opts.step is None:
-        ref = adapter_parent(opts.lora, home)  # --stage has a default, so only the others override
-    elif opts.checkpoint:
-        ref = resolve_checkpoint_path(opts.checkpoint, opts.step)
-    else:
-        ref = find_checkpoint(opts.stage, opts.tag, opts.step, home=home)
+    from nanoctl.adapters import resolve_base
+
+    # --stage has a default here, so with --lora only --tag/--step/--checkpoint leave the adapter's own base
+    own_base = opts.lora is not None and opts.tag is None and opts.step is None
+    ref = resolve_base(opts.lora, None if own_base else opts.stage, opts.tag, opts.step, opts.checkpoint, home)
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
     check_quantize(opts.quantize, info.device, dtype)
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
