@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import UsageError
 from nanoctl.home import Home
-from nanoctl.inference_options import check_quantize, quantize_option
+from nanoctl.inference_options import check_quantize, prepare_for_inference, quantize_option
 
 if TYPE_CHECKING:
     from nanoctl.checkpoint import CheckpointRef
@@ -115,15 +115,7 @@ def load_chat_model(opts: ChatOptions, *, home: Home | str | os.PathLike[str] | 
     check_quantize(opts.quantize, device, dtype)
     ref = resolve_base(opts.lora, opts.stage, opts.tag, opts.step, opts.checkpoint, home)
     model, tokenizer, meta = load_model(ref, device=device, dtype=dtype, home=home, phase="eval")
-    lora = None
-    if opts.lora is not None:
-        from nanoctl.model.lora import mount_adapter
-
-        lora = mount_adapter(model, opts.lora)  # merged: replies cost what the base's do
-    if opts.quantize != "none":  # after any adapter is merged: the int8 weights include it
-        from nanoctl.model.quantize import quantize_model
-
-        quantize_model(model, opts.quantize)
+    lora = prepare_for_inference(model, opts.lora, opts.quantize)
     return LoadedModel(model, tokenizer, Engine(model, tokenizer), meta, ref, str(device), dtype_name(dtype), lora)
 
 

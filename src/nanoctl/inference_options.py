@@ -1,6 +1,7 @@
 """Options that change how chat, serve and eval load a checkpoint for inference, declared once.
 
-Torch-free (the CLI imports it for its help); the work is in nanoctl.model.quantize. `--quantize` is the
+Torch-free at import (the CLI imports it for its help); the work is in nanoctl.model.quantize and
+nanoctl.model.lora, applied in one order by `prepare_for_inference`. `--quantize` is the
 first; other load-time choices shared by those commands (an adapter to mount) belong here too.
 """
 
@@ -45,3 +46,31 @@ def check_quantize(mode: str, device: Any = None, dtype: Any = None) -> None:
             f"--quantize {mode} computes in float32, not --dtype {name}",
             "leave --dtype unset (or float32) with --quantize int8",
         )
+
+
+def prepare_for_inference(model: Any, lora: str | None, quantize: str) -> dict[str, Any] | None:
+    """Mount `lora` (merged into the weights), then quantize: the int8 weights must include the adapter.
+
+    The one place that order lives (chat, serve and both evals load through it). Returns the adapter's
+    record, or None without one.
+    """
+    record = None
+    if lora is not None:
+        from nanoctl.model.lora import mount_adapter
+
+        record = mount_adapter(model, lora)  # merged: replies cost what the base's do
+    if quantize != "none":
+        from nanoctl.model.quantize import quantize_model
+
+        quantize_model(model, quantize)
+    return record
+
+
+def record_name(stage: str, step: int, lora: dict[str, Any] | None, quantize: str) -> tuple[str, int]:
+    """The (stage, step) an eval record is written under: `<stage>-lora` and/or `-<quantize>` suffixes, so
+    the plain checkpoint's own results are never overwritten."""
+    if lora is not None:
+        stage, step = f"{lora.get('stage', 'peft')}-lora", int(lora.get("step", step))
+    if quantize != "none":
+        stage = f"{stage}-{quantize}"
+    return stage, step

@@ -16,7 +16,7 @@ from typing import Any
 
 from nanoctl.errors import UsageError
 from nanoctl.home import Home
-from nanoctl.inference_options import check_quantize, quantize_option
+from nanoctl.inference_options import check_quantize, prepare_for_inference, quantize_option, record_name
 from nanoctl.options import DATA, MODEL, OUTPUT, RUNTIME, apply_preset, option
 
 BASE_EVALS = ("core", "bpb", "sample")
@@ -375,18 +375,11 @@ def eval_base(opts: BaseEvalOptions, *, home: Home | str | os.PathLike[str] | No
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
     model.eval()
     plan = plan_eval(opts, preset, ref, model, dtype, bundle_dir, info.world_size)
-    stage, step = ref.stage, ref.step
-    if opts.lora is not None:
-        from nanoctl.model.lora import mount_adapter
-
-        meta["lora"] = lora = mount_adapter(model, opts.lora)
-        # its own record name (eval_base_sft-lora_<step>), so the base's results stay as they are
-        stage, step = f"{lora.get('stage', 'peft')}-lora", int(lora.get("step", ref.step))
-    if opts.quantize != "none":  # after the plan: it counts the checkpoint's own parameters
-        from nanoctl.model.quantize import quantize_model
-
-        quantize_model(model, opts.quantize)
-        stage = f"{stage}-{opts.quantize}"  # its own record (eval_base_base-int8_*): fp32's stays
+    # after the plan: it counts the checkpoint's own parameters
+    lora = prepare_for_inference(model, opts.lora, opts.quantize)
+    if lora is not None:
+        meta["lora"] = lora
+    stage, step = record_name(ref.stage, ref.step, lora, opts.quantize)  # eval_base_sft-lora_*, ...-int8_*
     result = BaseEvalResult(stage=stage, tag=ref.tag, step=step, dry_run=opts.dry_run)
     if opts.dry_run:
         plan.estimate = estimate_eval(plan, opts, model, tokenizer, info.device, bundle_dir, info.world_size,

@@ -22,7 +22,7 @@ from typing import Any
 from nanoctl.engine import SamplingParams
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.home import Home
-from nanoctl.inference_options import check_quantize, quantize_option
+from nanoctl.inference_options import check_quantize, prepare_for_inference, quantize_option, record_name
 
 ProgressFn = Callable[[int, int, float], None]  # (problems done, total, running accuracy)
 CHAT_STAGES = ("rl", "sft", "mid")  # default: the newest of these
@@ -355,18 +355,10 @@ def run_chat_eval(
     dtype = parse_dtype(opts.dtype) if opts.dtype else compute_dtype(info.device)
     check_quantize(opts.quantize, info.device, dtype)
     model, tokenizer, meta = load_model(ref, device=info.device, dtype=dtype, home=home)
-    stage, step = ref.stage, ref.step
-    if opts.lora is not None:
-        from nanoctl.model.lora import mount_adapter
-
-        meta["lora"] = lora = mount_adapter(model, opts.lora)
-        # its own record name (eval_chat_sft-lora_<step>), so the base's results stay as they are
-        stage, step = f"{lora.get('stage', 'peft')}-lora", int(lora.get("step", ref.step))
-    if opts.quantize != "none":  # after any adapter is merged: the int8 weights include it
-        from nanoctl.model.quantize import quantize_model
-
-        quantize_model(model, opts.quantize)
-        stage = f"{stage}-{opts.quantize}"  # its own record (eval_chat_sft-int8_*): fp32's stays
+    lora = prepare_for_inference(model, opts.lora, opts.quantize)
+    if lora is not None:
+        meta["lora"] = lora
+    stage, step = record_name(ref.stage, ref.step, lora, opts.quantize)  # eval_chat_sft-lora_*, ...-int8_*
     model.eval()
     engine = Engine(model, tokenizer)
     sampling = SamplingParams(
