@@ -5,9 +5,27 @@ base weight (same parameter, same state-dict key) and add `lora_A` (r x in, Kaim
 `lora_B` (out x r, zeros), so a fresh adapter changes nothing: y = W x + (alpha / r) B A dropout(x).
 Everything else is frozen; `lora_parameters` are the only trainable tensors.
 
+Targets (`--lora-targets`) depend on the arch (`ARCH_TARGETS`):
+- current/classic: q, k, v, proj (attention output), fc (MLP up), mlp_proj (MLP down);
+- deepseek (MLA + DeepSeekMoE): q (the query projection, and its down-projection when the model has a
+  query bottleneck), kv_down (MLA's joint KV down-projection, latent + rope key), kv_up (the latent's
+  up-projection to per-head keys and values), proj (attention output), fc / mlp_proj (up / down of the
+  dense first layer(s)' MLP and of the MoE layers' shared expert(s)).
+`all` is every target of the model's arch. In a deepseek model the router and the routed experts stay
+frozen and unadapted: the experts are (E, out, in) Parameter stacks, not Linear modules, which PEFT's
+module-based LoRA cannot address (its files could not carry them), and a per-expert update on a matrix
+PEFT cannot rebuild would lose the exact merge and round trip. Training a LoRA on a deepseek model also
+freezes the routing bias (its balancing step is off): the bias is part of the base, which the adapter
+files do not carry.
+
+MLA's cached decode multiplies kv_up's weight as a matrix (the absorbed form, model/mla.py); while an
+adapter on kv_up is unmerged (training, RL's sampling, `mount_adapter(merge=False)`) the attention runs as
+`AdaptedMLA`, whose weight there is W + (alpha / r) B A, the map the uncached path applies.
+
 Files (an adapter directory): `adapter_config.json` + `adapter_model.safetensors`, PEFT's LoRA format
-with the module names of `nanoctl export hf` (transformers' NanoChat), e.g.
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so
+with the module names of `nanoctl export hf` (transformers' NanoChat, or the deepseek remote code's
+q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa / kv_b_proj / o_proj / mlp.fc1 / mlp.shared_experts.fc1
+...), e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, so
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(export_dir), adapter_dir)` applies it.
 
 Why not `peft` itself: it is an optional extra, and its wrapper moves the base weight to
@@ -19,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +49,7 @@ import torch.nn.functional as F
 from nanoctl.adapters import RECORD_FILE  # ours beside PEFT's files: base checkpoint, stage, step
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.model.gpt import GPT, MLP, Linear
+from nanoctl.model.mla import MultiHeadLatentAttention
 
 # target name -> (our module under transformer.h.<i>, transformers NanoChat's module under model.layers.<i>)
 TARGETS: dict[str, tuple[str, str]] = {
@@ -40,6 +60,27 @@ TARGETS: dict[str, tuple[str, str]] = {
     "fc": ("mlp.c_fc", "mlp.fc1"),  # MLP up projection
     "mlp_proj": ("mlp.c_proj", "mlp.fc2"),  # MLP down projection
 }
+# arch -> target name -> the (ours, export hf's) module pairs it covers in a block; a block adapts the
+# ones it has (deepseek: the dense layers have mlp.c_fc, the MoE layers mlp.shared.c_fc).
+ARCH_TARGETS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "current": {t: (pair,) for t, pair in TARGETS.items()},
+    "classic": {t: (pair,) for t, pair in TARGETS.items()},
+    "deepseek": {
+        # q_down exists only with a query bottleneck (q_lora_rank); c_q is then export hf's q_b_proj
+        "q": (("attn.q_down", "self_attn.q_a_proj"), ("attn.c_q", "self_attn.q_proj")),
+        "kv_down": (("attn.kv_down", "self_attn.kv_a_proj_with_mqa"),),  # latent + rope key
+        "kv_up": (("attn.kv_up", "self_attn.kv_b_proj"),),  # latent -> per-head keys and values
+        "proj": (("attn.c_proj", "self_attn.o_proj"),),
+        "fc": (("mlp.c_fc", "mlp.fc1"), ("mlp.shared.c_fc", "mlp.shared_experts.fc1")),
+        "mlp_proj": (("mlp.c_proj", "mlp.fc2"), ("mlp.shared.c_proj", "mlp.shared_experts.fc2")),
+    },
+}
+# Module names both ways, over every arch (the same module has the same name and target everywhere).
+_PAIRS = [(t, ours, hf) for table in ARCH_TARGETS.values() for t, pairs in table.items() for ours, hf in pairs]
+_OURS_TO_HF = {ours: hf for _, ours, hf in _PAIRS}
+_HF_TO_OURS = {hf: ours for _, ours, hf in _PAIRS} | {"self_attn.q_b_proj": "attn.c_q"}
+_TARGET_OF = {ours: t for t, ours, _ in _PAIRS}
+_ALL_NAMES = tuple(dict.fromkeys(t for t, _, _ in _PAIRS))  # every arch's target names, dense ones first
 DEFAULT_TARGETS = "all"  # every block matrix (QLoRA's finding: adapting all of them works best)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -60,11 +101,17 @@ class LoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
 
-    def peft_config(self) -> dict[str, Any]:
-        """adapter_config.json as PEFT writes it for a plain LoRA (no rslora/dora, no bias, no saved modules)."""
+    def peft_config(self, target_modules: Iterable[str] | None = None) -> dict[str, Any]:
+        """adapter_config.json as PEFT writes it for a plain LoRA (no rslora/dora, no bias, no saved modules).
+
+        `target_modules`: export hf's module names adapted (save_adapter passes the ones the model has);
+        unset, they follow from the targets' names."""
+        if target_modules is None:
+            target_modules = {_OURS_TO_HF[ours] for t, ours, _ in _PAIRS if t in self.targets}
+            target_modules = {m for m in target_modules if m != "self_attn.q_a_proj"}  # bottleneck only
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout, "target_modules": sorted(TARGETS[t][1].split(".")[-1] for t in self.targets),
+            "lora_dropout": self.dropout, "target_modules": sorted({m.split(".")[-1] for m in target_modules}),
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
             "modules_to_save": None, "use_rslora": False, "use_dora": False, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": None,
@@ -72,21 +119,31 @@ class LoRAConfig:
         }
 
 
-def parse_targets(text: str, flag: str = "--lora-targets") -> tuple[str, ...]:
-    """'q,v' -> ('q', 'v'); an unknown or empty name is a UsageError naming the flag."""
+def parse_targets(text: str, flag: str = "--lora-targets", arch: str | None = None) -> tuple[str, ...]:
+    """'q,v' -> ('q', 'v'); an unknown or empty name is a UsageError naming the flag.
+
+    `arch` set: the names that arch has (`all` = every one of them); unset: any arch's names, and `all`
+    the dense archs' six."""
+    table = ARCH_TARGETS.get(arch or "current")
+    if table is None:
+        raise UsageError(f"LoRA supports the {', '.join(ARCH_TARGETS)} archs, not {arch!r}",
+                         "fine-tune this model without --lora-rank")
+    known = tuple(table) if arch else _ALL_NAMES
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if names == ("all",):
-        names = tuple(TARGETS)
-    bad = [t for t in names if t not in TARGETS]
+        names = tuple(table)
+    bad = [t for t in names if t not in known]
     if bad or not names:
         got = ", ".join(bad) if bad else "nothing"
-        raise UsageError(f"{flag} {text!r}: {got} is not a LoRA target",
-                         f"use all or a comma-separated subset of {', '.join(TARGETS)} (e.g. {flag} q,v)")
+        what = f"a LoRA target of the {arch} arch" if arch else "a LoRA target"
+        raise UsageError(f"{flag} {text!r}: {got} is not {what}",
+                         f"use all or a comma-separated subset of {', '.join(known)} (e.g. {flag} q,v)")
     return tuple(dict.fromkeys(names))
 
 
-def make_config(rank: int, alpha: float | None, dropout: float, targets: str) -> LoRAConfig:
-    """A checked config from the CLI's values (alpha None = 2 x rank, PEFT's usual choice)."""
+def make_config(rank: int, alpha: float | None, dropout: float, targets: str, arch: str | None = None) -> LoRAConfig:
+    """A checked config from the CLI's values (alpha None = 2 x rank, PEFT's usual choice); `arch`: the
+    base model's, which decides what the targets (and `all`) may name."""
     if rank < 1:
         raise UsageError(f"--lora-rank {rank} must be >= 1 (0 = full fine-tuning)")
     if not 0.0 <= dropout < 1.0:
@@ -94,7 +151,7 @@ def make_config(rank: int, alpha: float | None, dropout: float, targets: str) ->
     alpha = float(2 * rank if alpha is None else alpha)
     if alpha <= 0:
         raise UsageError(f"--lora-alpha {alpha} must be > 0")
-    return LoRAConfig(rank, alpha, dropout, parse_targets(targets))
+    return LoRAConfig(rank, alpha, dropout, parse_targets(targets, arch=arch))
 
 
 class LoRALinear(Linear):
@@ -132,30 +189,69 @@ class AdaptedMLP(MLP):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-def _modules(model: GPT, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
-    """(parent module, attribute, our dotted module name) for every targeted matrix of every block."""
+class AdaptedMLA(MultiHeadLatentAttention):
+    """MLA while its kv_up carries an adapter: the cached (absorbed) path multiplies kv_up's weight as a
+    matrix, so it gets W + scaling B A, what the uncached path's kv_up(latent) applies (differentiable:
+    RL samples with the adapters it trains)."""
+
+    def kv_up_weight(self) -> torch.Tensor:
+        kv_up: LoRALinear = self.kv_up  # type: ignore[assignment]
+        return kv_up.weight + kv_up.delta().to(kv_up.weight.dtype)
+
+
+# adapted module class -> the plain one merge_lora restores (same children and keys; only forward differs)
+_PLAIN_CLASS: dict[type, type] = {AdaptedMLP: MLP, AdaptedMLA: MultiHeadLatentAttention}
+
+
+def _modules(model: GPT, targets: tuple[str, ...]) -> list[tuple[nn.Module, str, str, str]]:
+    """(parent module, attribute, our dotted module name, target) for every targeted matrix of every block."""
+    table = ARCH_TARGETS[model.config.arch]
     out = []
     for i, block in enumerate(model.transformer.h):
         for t in targets:
-            parent_name, attr = TARGETS[t][0].split(".")
-            out.append((getattr(block, parent_name), attr, f"transformer.h.{i}.{TARGETS[t][0]}"))
+            for ours, _ in table[t]:
+                parent_name, _, attr = ours.rpartition(".")
+                try:
+                    parent = block.get_submodule(parent_name)
+                except AttributeError:
+                    continue  # e.g. mlp.shared in a dense layer
+                if isinstance(getattr(parent, attr, None), Linear):
+                    out.append((parent, attr, f"transformer.h.{i}.{ours}", t))
     return out
 
 
 def add_lora(model: GPT, config: LoRAConfig) -> GPT:
     """Adapters on the targeted matrices; every other parameter frozen. In place; returns the model."""
-    if model.config.arch not in ("current", "classic"):
-        raise UsageError(f"LoRA supports the current and classic archs, not {model.config.arch!r}",
+    arch = model.config.arch
+    table = ARCH_TARGETS.get(arch)
+    if table is None:
+        raise UsageError(f"LoRA supports the {', '.join(ARCH_TARGETS)} archs, not {arch!r}",
                          "fine-tune this model without --lora-rank")
+    lacking = [t for t in config.targets if t not in table]
+    if lacking:
+        raise UsageError(f"--lora-targets {','.join(config.targets)}: the {arch} arch has no {', '.join(lacking)}"
+                         " matrix", f"use all or a comma-separated subset of {', '.join(table)}")
+    modules = _modules(model, config.targets)
+    empty = [t for t in config.targets if not any(m[3] == t for m in modules)]
+    if empty and set(config.targets) != set(table):  # `all`: what the model has (a deepseek may lack MLPs)
+        raise UsageError(f"--lora-targets {','.join(config.targets)}: no block of this {arch} model has a"
+                         f" {', '.join(empty)} matrix", f"leave {', '.join(empty)} out of --lora-targets")
     for p in model.parameters():
         p.requires_grad_(False)
-    for parent, attr, _ in _modules(model, config.targets):
+    for parent, attr, _, _ in modules:
         base = getattr(parent, attr)
         if isinstance(base, LoRALinear):
             raise NanoctlError("the model already carries LoRA adapters", "merge them first (merge_lora)")
         setattr(parent, attr, LoRALinear(base, config))
         if isinstance(parent, MLP) and attr == "c_fc":
-            parent.__class__ = AdaptedMLP  # same children and keys; only forward differs
+            parent.__class__ = AdaptedMLP
+        elif isinstance(parent, MultiHeadLatentAttention) and attr == "kv_up":
+            parent.__class__ = AdaptedMLA
+    if arch == "deepseek":
+        from nanoctl.model.deepseek import moe_layers
+
+        for moe in moe_layers(model):
+            moe.bias_update_rate = 0.0  # the routing bias is base: frozen with it (the files cannot carry it)
     model.lora_config = config  # type: ignore[attr-defined]
     return model
 
@@ -194,8 +290,8 @@ def merge_lora(model: GPT) -> GPT:
         merged.weight.requires_grad_(module.weight.requires_grad)
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, merged)
-        if isinstance(parent, AdaptedMLP):
-            parent.__class__ = MLP  # back on the fused CPU path
+        if type(parent) in _PLAIN_CLASS:
+            parent.__class__ = _PLAIN_CLASS[type(parent)]  # back on the fused CPU paths
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -205,35 +301,42 @@ def merge_lora(model: GPT) -> GPT:
 # PEFT's file format
 
 
-def _hf_name(ours: str) -> str:
-    """transformer.h.3.attn.c_q -> model.layers.3.self_attn.q_proj (export hf's module names)."""
+def _hf_name(ours: str, bottleneck: bool) -> str:
+    """transformer.h.3.attn.c_q -> model.layers.3.self_attn.q_proj (export hf's module names); c_q is
+    q_b_proj in a deepseek layer with a query bottleneck (`bottleneck`)."""
     parts = ours.split(".")
     layer, module = parts[2], ".".join(parts[3:])
-    hf = {o: h for o, h in TARGETS.values()}[module]
+    hf = "self_attn.q_b_proj" if bottleneck and module == "attn.c_q" else _OURS_TO_HF[module]
     return f"model.layers.{layer}.{hf}"
 
 
 def to_peft_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our adapter keys -> PEFT's (base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight)."""
+    # target q adapts q_down and c_q together, so a layer's q_down adapter marks its query bottleneck
+    bottleneck = {key.split(".")[2] for key in state if ".attn.q_down.lora_" in key}
     out = {}
     for key, value in state.items():
         module, _, rest = key.partition(".lora_")
-        out[f"{PEFT_PREFIX}{_hf_name(module)}.lora_{rest}"] = value
+        out[f"{PEFT_PREFIX}{_hf_name(module, module.split('.')[2] in bottleneck)}.lora_{rest}"] = value
     return out
 
 
 def from_peft_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PEFT's adapter keys -> ours (the inverse of to_peft_state_dict)."""
-    by_hf = {h: o for o, h in TARGETS.values()}
     out = {}
     for key, value in state.items():
         parts = key.removeprefix(PEFT_PREFIX).split(".")
-        # model.layers.<i>.<self_attn|mlp>.<name>.lora_<A|B>[.default].weight
-        if len(parts) < 7 or parts[:2] != ["model", "layers"] or f"{parts[3]}.{parts[4]}" not in by_hf:
-            raise NanoctlError(f"adapter tensor {key!r} is not a LoRA matrix of a NanoChat block",
-                               "only q/k/v/o_proj and fc1/fc2 adapters (no modules_to_save) can be mounted")
-        ab = parts[5]
-        out[f"transformer.h.{parts[2]}.{by_hf[f'{parts[3]}.{parts[4]}']}.{ab}.weight"] = value
+        # model.layers.<i>.<module path>.lora_<A|B>[.default].weight
+        ab = next((j for j, p in enumerate(parts) if p.startswith("lora_")), len(parts))
+        module = ".".join(parts[3:ab])
+        if (parts[:2] != ["model", "layers"] or len(parts) < 7 or not parts[2].isdigit()
+                or module not in _HF_TO_OURS or parts[ab] not in ("lora_A", "lora_B")):
+            raise NanoctlError(
+                f"adapter tensor {key!r} is not a LoRA matrix of a NanoChat block",
+                "only adapters on q/k/v/o_proj and fc1/fc2 (deepseek: q_a/q_b_proj, kv_a_proj_with_mqa,"
+                " kv_b_proj, shared_experts.fc1/fc2), without modules_to_save, can be mounted",
+            )
+        out[f"transformer.h.{parts[2]}.{_HF_TO_OURS[module]}.{parts[ab]}.weight"] = value
     return out
 
 
@@ -249,7 +352,8 @@ def save_adapter(directory: str | Path, model: GPT, extra: dict[str, Any] | None
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in to_peft_state_dict(adapter_state_dict(model)).items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    atomic_write_json(directory / CONFIG_FILE, config.peft_config())
+    modules = {k.partition(".lora_")[0].rpartition(".")[2] for k in tensors}  # q_proj, kv_b_proj, fc1, ...
+    atomic_write_json(directory / CONFIG_FILE, config.peft_config(modules))
     atomic_write_json(directory / RECORD_FILE, extra or {})
     return directory
 
@@ -273,7 +377,8 @@ def read_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, torch.Ten
         state = from_peft_state_dict(load_file(str(weights)))
     except (ValueError, KeyError, OSError) as e:
         raise NanoctlError(f"--lora {directory}: unreadable adapter ({e})", "re-save it with PEFT or nanoctl") from e
-    targets = tuple(t for t in TARGETS if any(f".{TARGETS[t][0]}.lora_" in k for k in state))
+    found = {_TARGET_OF[".".join(k.partition(".lora_")[0].split(".")[3:])] for k in state}
+    targets = tuple(t for t in _ALL_NAMES if t in found)
     if not targets:
         raise NanoctlError(f"--lora {directory}: the adapter holds no LoRA matrix", "check the directory")
     record = directory / RECORD_FILE
@@ -285,15 +390,20 @@ def mount_adapter(model: GPT, directory: str | Path, merge: bool = True) -> dict
     """Apply an adapter directory to `model` (merged into the weights by default: inference costs nothing
     extra). Returns nanoctl's record of the adapter plus its config."""
     config, state, extra = read_adapter(directory)
-    n_layer = model.config.n_layer
+    n_layer, arch = model.config.n_layer, model.config.arch
     layers = {int(k.split(".")[2]) for k in state}
     if layers and max(layers) >= n_layer:
         raise NanoctlError(f"--lora {directory}: the adapter has layer {max(layers)}, the model {n_layer} layers",
                            "mount it on the base model it was trained on")
+    foreign = [t for t in config.targets if t not in ARCH_TARGETS.get(arch, {})]
+    if foreign:
+        raise NanoctlError(f"--lora {directory}: the adapter adapts {', '.join(foreign)}, which a {arch} model lacks",
+                           "mount it on the base model it was trained on")
     add_lora(model, config)
+    params = dict(model.named_parameters())
     for name, tensor in state.items():
-        own = model.get_parameter(name)
-        if own.shape != tensor.shape:
+        own = params.get(name)  # a name the model lacks: load_adapter_state lists it
+        if own is not None and own.shape != tensor.shape:
             raise NanoctlError(
                 f"--lora {directory}: {name} is {tuple(tensor.shape)}, the model wants {tuple(own.shape)}",
                 "mount it on the base model it was trained on",

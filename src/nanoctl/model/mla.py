@@ -82,9 +82,15 @@ class MultiHeadLatentAttention(nn.Module):
         y = attention.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, 0, 0, self.softmax_scale)
         return y.transpose(1, 2)
 
+    def kv_up_weight(self) -> torch.Tensor:
+        """The (out, in) matrix kv_up applies. Subclasses whose kv_up is not a plain Linear override it
+        (lora.AdaptedMLA: W + the unmerged adapter's update; quantize.Int8MLA: the dequantized int8 weight),
+        so the absorbed path computes what the uncached one does."""
+        return self.kv_up.weight
+
     def _absorbed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_up's weight as (H, nope, rank) key and (H, v, rank) value maps, in x's dtype."""
-        w = self.kv_up.weight.to(x.dtype).view(self.n_head, self.nope_dim + self.v_dim, self.rank)
+        w = self.kv_up_weight().to(x.dtype).view(self.n_head, self.nope_dim + self.v_dim, self.rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _attend_latent(

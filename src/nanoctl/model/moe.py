@@ -66,17 +66,23 @@ class MoE(nn.Module):
         token = order // k  # the token of each expert-sorted (token, expert) pair
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
         xs = x.index_select(0, token)
-        w_fc, w_proj = self.w_fc.to(x.dtype), self.w_proj.to(x.dtype)
+        ys = torch.cat(self._expert_outputs(xs.split(counts.tolist())))  # one host sync for the group sizes
+        ys = ys * weights.flatten().index_select(0, order).unsqueeze(1)
+        return torch.zeros_like(x).index_add(0, token, ys)
+
+    def _expert_outputs(self, groups: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Expert e on groups[e], its tokens, for every expert with tokens (in expert order); the int8
+        model (quantize.Int8MoE) overrides this with its per-expert int8 linears."""
+        dtype = groups[0].dtype
+        w_fc, w_proj = self.w_fc.to(dtype), self.w_proj.to(dtype)
         parts = []
-        fused = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        for e, seg in enumerate(xs.split(counts.tolist())):  # one host sync for the group sizes
+        fused = groups[0].device.type == "cpu" and not torch.compiler.is_compiling()
+        for e, seg in enumerate(groups):
             if seg.size(0) == 0:
                 continue
             h = linear_relu_square(seg, w_fc[e]) if fused else F.relu(F.linear(seg, w_fc[e])).square()
             parts.append(F.linear(h, w_proj[e]))
-        ys = torch.cat(parts)
-        ys = ys * weights.flatten().index_select(0, order).unsqueeze(1)
-        return torch.zeros_like(x).index_add(0, token, ys)
+        return parts
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

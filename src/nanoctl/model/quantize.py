@@ -25,6 +25,19 @@ batch, not bit-identical between a request served alone and next to others (fp32
 The fused CPU paths of the fp32 model read `.weight` tensors directly (MLP `linear_relu_square`, the
 decode head, the chunked head+loss); an int8 module has no such tensor, so quantization switches the
 MLPs and the model to subclasses that call the modules instead (same children, same names).
+
+arch "deepseek" (MLA + DeepSeekMoE), the same way:
+- MLA's projections (q_down when present, c_q, kv_down, kv_up, c_proj), the dense first layer(s)' MLP,
+  the shared expert(s)' MLP and the lm_head become int8 linears, the token embedding an int8 embedding;
+- the routed experts too: each expert's two matrices, sliced from the (E, out, in) stacks, become one
+  int8 dynamic linear each (`Int8MoE`: the same grouping by expert, one int8 GEMM per expert and matrix,
+  the same per-output-channel scheme as every other matrix). They are most of a deepseek model's
+  weights, so leaving them fp32 would keep most of it fp32;
+- kept fp32: the router (E x C; its top-k is a discrete choice that int8 error could flip) and the
+  routing bias; the multi-token-prediction module is dropped (training only; an int8 model cannot train);
+- MLA's cached decode reads kv_up as a matrix (the absorbed form): `Int8MLA` gives it the dequantized
+  int8 weight, so cached and uncached steps use the same weights (the uncached path also quantizes its
+  activations per call, the cached one multiplies them in fp32: both within int8's error of fp32).
 """
 
 from __future__ import annotations
@@ -39,10 +52,12 @@ import torch.nn.functional as F
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.inference_options import check_quantize
 from nanoctl.model.gpt import GPT, MLP
+from nanoctl.model.mla import MultiHeadLatentAttention
+from nanoctl.model.moe import MoE
 
-QUANTIZABLE_ARCHS = ("current", "classic")
-_LINEARS = (("attn", "c_q"), ("attn", "c_k"), ("attn", "c_v"), ("attn", "c_proj"), ("mlp", "c_fc"),
-            ("mlp", "c_proj"))  # fmt: skip
+QUANTIZABLE_ARCHS = ("current", "classic", "deepseek")
+_ATTN_LINEARS = ("c_q", "c_k", "c_v", "c_proj")
+_MLA_LINEARS = ("q_down", "c_q", "kv_down", "kv_up", "c_proj")  # q_down: None without a query bottleneck
 
 
 def quantize_model(model: GPT, mode: str) -> GPT:
@@ -58,9 +73,12 @@ def quantize_model(model: GPT, mode: str) -> GPT:
         raise NanoctlError(f"the model is already quantized ({model.quantization})")  # type: ignore[attr-defined]
     if model.config.arch not in QUANTIZABLE_ARCHS:
         raise UsageError(
-            f"--quantize {mode} supports the {' and '.join(QUANTIZABLE_ARCHS)} archs, not {model.config.arch!r}",
+            f"--quantize {mode} supports the {', '.join(QUANTIZABLE_ARCHS)} archs, not {model.config.arch!r}",
             "run this model with --quantize none",
         )
+    if getattr(model, "lora_config", None) is not None:
+        # the int8 copy of a LoRALinear would keep its base weight only: the adapter silently gone
+        raise NanoctlError("the model carries unmerged LoRA adapters", "merge them first (mount_adapter merges)")
     nnq, nnqd, qconfigs = _torch_quantized()
     linear_qconfig, embedding_qconfig = qconfigs
     engine = _engine()
@@ -76,6 +94,24 @@ def quantize_model(model: GPT, mode: str) -> GPT:
         module.qconfig = embedding_qconfig
         return nnq.Embedding.from_float(module)
 
+    def linears(parent: nn.Module, names: tuple[str, ...]) -> None:
+        for name in names:
+            if getattr(parent, name) is not None:
+                setattr(parent, name, linear(getattr(parent, name)))
+
+    def mlp(module: MLP) -> None:
+        linears(module, ("c_fc", "c_proj"))
+        module.__class__ = Int8MLP  # same children and keys; forward differs
+
+    def experts(stack: torch.Tensor) -> nn.ModuleList:
+        # (E, out, in) -> E int8 linears (the slices are views: no fp32 copy is kept)
+        rows = []
+        for w in stack.detach():
+            plain = nn.Linear(w.size(1), w.size(0), bias=False)
+            plain.weight = nn.Parameter(w, requires_grad=False)
+            rows.append(linear(plain))
+        return nn.ModuleList(rows)
+
     with warnings.catch_warnings(), torch.no_grad():
         # torch.ao's deprecation notices, once per module: known and explained in the module docstring
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -83,10 +119,21 @@ def quantize_model(model: GPT, mode: str) -> GPT:
         previous, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
         try:
             for block in model.transformer.h:
-                for parent_name, name in _LINEARS:
-                    parent = getattr(block, parent_name)
-                    setattr(parent, name, linear(getattr(parent, name)))
-                block.mlp.__class__ = Int8MLP  # same children and keys; forward differs
+                if isinstance(block.attn, MultiHeadLatentAttention):
+                    linears(block.attn, _MLA_LINEARS)
+                    block.attn.__class__ = Int8MLA
+                else:
+                    linears(block.attn, _ATTN_LINEARS)
+                if isinstance(block.mlp, MoE):
+                    moe = block.mlp
+                    moe.experts_fc, moe.experts_proj = experts(moe.w_fc), experts(moe.w_proj)
+                    del moe.w_fc, moe.w_proj  # the fp32 stacks go: Int8MoE runs the int8 linears
+                    if moe.shared is not None:
+                        mlp(moe.shared)
+                    moe.__class__ = Int8MoE
+                else:
+                    mlp(block.mlp)
+            model.mtp = None  # multi-token prediction runs in training only
             model.lm_head = linear(model.lm_head)
             model.transformer.wte = embedding(model.transformer.wte)
             if model.is_current:
@@ -152,6 +199,23 @@ class Int8MLP(MLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Int8MLA(MultiHeadLatentAttention):
+    """MLA with int8 projections: the absorbed (cached) path multiplies kv_up's dequantized int8 weight
+    (rank x heads*(nope+v), unpacked per call: small next to the step's other matrices)."""
+
+    def kv_up_weight(self) -> torch.Tensor:
+        return self.kv_up.weight().dequantize()  # a dynamic int8 linear's weight() is the quantized tensor
+
+
+class Int8MoE(MoE):
+    """DeepSeekMoE whose routed experts are int8 linears (experts_fc[e], experts_proj[e]); same routing
+    (fp32 router), same grouping of tokens by expert."""
+
+    def _expert_outputs(self, groups: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        fc, proj = self.experts_fc, self.experts_proj
+        return [proj[e](F.relu(fc[e](seg)).square()) for e, seg in enumerate(groups) if seg.size(0)]
 
 
 class Int8GPT(GPT):

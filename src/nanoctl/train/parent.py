@@ -58,7 +58,9 @@ class PostOptions(StageOptions):
     lora_dropout: float = option(0.0, help="Dropout on the adapters' input while training.", panel=OPTIMIZATION)
     lora_targets: str = option(
         "all", help="Block matrices that get adapters, comma-separated: q, k, v, proj (attention output),"
-        " fc (MLP up), mlp_proj (MLP down); all = every one.", panel=OPTIMIZATION,
+        " fc (MLP up), mlp_proj (MLP down); arch deepseek: q, kv_down, kv_up (MLA's KV down/up projections),"
+        " proj, fc, mlp_proj (dense and shared-expert MLPs; routed experts and router stay frozen);"
+        " all = every one the arch has.", panel=OPTIMIZATION,
     )
     lora_lr: float | None = option(
         None, help="AdamW LR of the adapters (unset: 1e-3 on CUDA, 1e-2 on CPU for short tiny runs; the"
@@ -199,12 +201,15 @@ class PostStage(Stage):
         from nanoctl.model.lora import make_config
 
         # checked first: a bad flag is a usage error whatever the home holds
-        cfg = self.lora_config = make_config(o.lora_rank, o.lora_alpha, o.lora_dropout, o.lora_targets)
+        make_config(o.lora_rank, o.lora_alpha, o.lora_dropout, o.lora_targets)
         # CPU: 30 steps of a tiny model barely move at 1e-3 (bench/RESULTS.md, LoRA); CUDA: LoRA's usual LR
         lr = self.lora_lr = o.lora_lr if o.lora_lr is not None else (1e-3 if self.device.type == "cuda" else 1e-2)
         if lr <= 0:
             raise UsageError(f"--lora-lr {lr} must be > 0")
         plan = self.plan()
+        # the targets (and `all`) are the base's arch's: checked again now that the parent is known
+        arch = read_parent_meta(self.ref)["model_config"].get("arch", "current")
+        cfg = self.lora_config = make_config(o.lora_rank, o.lora_alpha, o.lora_dropout, o.lora_targets, arch)
         # the stage's first line names where it writes: the adapter directory, not checkpoints/
         plan.lines[0] = plan.lines[0].replace(f"-> checkpoints/{self.name}/", f"-> adapters/{self.name}/", 1)
         plan.lines.append(
