@@ -80,7 +80,8 @@ _PAIRS = [(t, ours, hf) for table in ARCH_TARGETS.values() for t, pairs in table
 _OURS_TO_HF = {ours: hf for _, ours, hf in _PAIRS}
 _HF_TO_OURS = {hf: ours for _, ours, hf in _PAIRS} | {"self_attn.q_b_proj": "attn.c_q"}
 _TARGET_OF = {ours: t for t, ours, _ in _PAIRS}
-_ALL_NAMES = tuple(dict.fromkeys(t for t, _, _ in _PAIRS))  # every arch's target names, dense ones first
+# every arch's target names, in an order each arch's own order is a subsequence of (read_adapter's order)
+_ALL_NAMES = ("q", "k", "v", "kv_down", "kv_up", "proj", "fc", "mlp_proj")
 DEFAULT_TARGETS = "all"  # every block matrix (QLoRA's finding: adapting all of them works best)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

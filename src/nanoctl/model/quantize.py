@@ -224,6 +224,9 @@ class Int8GPT(GPT):
     def get_device(self) -> torch.device:
         return self.cos.device  # an int8 embedding's `weight` is a method, not a tensor
 
+    def forward(self, idx: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(idx.contiguous(), *args, **kwargs)  # the int8 lookup refuses strided indices
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(x)  # the decode fast path transposes lm_head.weight, which int8 lacks
 
