@@ -86,19 +86,25 @@ def random_model(config: GPTConfig, seed: int = 0, scale: float = 0.3) -> GPT:
     return model.eval()
 
 
-@functools.cache
-def trained_chat_model(steps: int = 100, seed: int = 0) -> GPT:
-    """Memorize CONVERSATIONS (all positions, AdamW): greedy decoding then reproduces them."""
+def conversation_batch(conversations: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) to memorize `conversations` at every position (targets -1 past each row's end)."""
     tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = build_model(tiny_config(), "cpu", torch.float32)
-    rows = [tok.render_conversation(c)[0] for c in CONVERSATIONS]
+    rows = [tok.render_conversation(c)[0] for c in conversations]
     T = max(len(r) for r in rows) - 1
     x = torch.zeros(len(rows), T, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         x[i, : len(r) - 1] = torch.tensor(r[:-1])
         y[i, : len(r) - 1] = torch.tensor(r[1:])
+    return x, y
+
+
+@functools.cache
+def trained_chat_model(steps: int = 100, seed: int = 0) -> GPT:
+    """Memorize CONVERSATIONS (all positions, AdamW): greedy decoding then reproduces them."""
+    torch.manual_seed(seed)
+    model = build_model(tiny_config(), "cpu", torch.float32)
+    x, y = conversation_batch(CONVERSATIONS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     model.train()
     with single_thread():

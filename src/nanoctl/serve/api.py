@@ -81,10 +81,26 @@ class ServedModel:
     rows_per_engine: int  # the most rows one request (n) can get: one scheduler's max_batch
     engines: int = 1
     created: int = field(default_factory=lambda: int(time.time()))
+    # Several `--lora` adapters on an unmerged base: model id -> the bank's adapter index. A request's
+    # `model` picks one; the base's own label (or no `model`) means none.
+    adapters: dict[str, int] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
         return int(self.tokenizer.get_vocab_size())
+
+    @property
+    def ids(self) -> list[str]:
+        """Every model id this server answers to: the base first, then the adapters."""
+        return [self.label, *self.adapters]
+
+    def adapter_of(self, model_id: str | None) -> int:
+        """The adapter index a request's `model` selects (-1: the base); 404 for an unknown id."""
+        if model_id is None or model_id == self.label:
+            return -1
+        if model_id in self.adapters:
+            return self.adapters[model_id]
+        raise _unknown_model(model_id, self)
 
 
 @dataclass
@@ -400,19 +416,22 @@ def create_app(
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    def model_card(model: ServedModel) -> dict[str, Any]:
-        return {"id": model.label, "object": "model", "created": model.created, "owned_by": "nanoctl"}
+    def model_card(model: ServedModel, model_id: str) -> dict[str, Any]:
+        card = {"id": model_id, "object": "model", "created": model.created, "owned_by": "nanoctl"}
+        if model_id != model.label:
+            card["parent"] = model.label  # an adapter on the base, as vLLM lists its LoRA modules
+        return card
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [model_card(ready_model())]})
+        model = ready_model()
+        return JSONResponse({"object": "list", "data": [model_card(model, i) for i in model.ids]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
         model = ready_model()
-        if model_id != model.label:
-            raise _unknown_model(model_id, model)
-        return JSONResponse(model_card(model))
+        model.adapter_of(model_id)  # 404 for an unknown id
+        return JSONResponse(model_card(model, model_id))
 
     @app.get("/", response_model=None)
     async def index() -> HTMLResponse | JSONResponse:
@@ -443,8 +462,8 @@ def create_app(
     # -- generation ---------------------------------------------------------------------------------
 
     async def generate(request: Request, gen: Generation, model: ServedModel, endpoint: str) -> Response:
-        if gen.model is not None and gen.model != model.label:
-            raise _unknown_model(gen.model, model)
+        adapter = model.adapter_of(gen.model)
+        model_id = model.label if adapter < 0 else str(gen.model)  # what the reply says answered it
         if gen.n > model.rows_per_engine:
             raise ApiError(
                 400, f"'n' is {gen.n}; this server decodes at most {model.rows_per_engine} rows per request "
@@ -463,7 +482,7 @@ def create_app(
             )  # fmt: skip
         try:
             handle = model.backend.submit(
-                GenerationRequest(prompt, gen.params, gen.n), asyncio.get_running_loop()
+                GenerationRequest(prompt, gen.params, gen.n, adapter), asyncio.get_running_loop()
             )
         except QueueFull:
             raise ApiError(
@@ -479,12 +498,12 @@ def create_app(
         events = _events(handle, choices, metrics)
         if gen.stream:
             return _GenerationStream(
-                _stream(gen, model, ids, choices, events, handle, len(prompt), endpoint),
-                lambda: _done(handle, gen, model, ids, choices, len(prompt), endpoint),
+                _stream(gen, model_id, ids, choices, events, handle, len(prompt), endpoint),
+                lambda: _done(handle, gen, model_id, ids, choices, len(prompt), endpoint),
             )
-        return await _collect(request, gen, model, ids, choices, events, handle, len(prompt), endpoint)
+        return await _collect(request, gen, model_id, ids, choices, events, handle, len(prompt), endpoint)
 
-    def _done(handle: RequestHandle, gen: Generation, model: ServedModel, ids: Ids, choices: _Choices,
+    def _done(handle: RequestHandle, gen: Generation, model_id: str, ids: Ids, choices: _Choices,
               prompt_tokens: int, endpoint: str, error: str | None = None) -> None:  # fmt: skip
         """Once per request, however it ended: free its rows, forget it, log it."""
         if handle not in state.handles:
@@ -496,7 +515,7 @@ def create_app(
                 "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 "id": ids.id,
                 "endpoint": endpoint,
-                "model": model.label,
+                "model": model_id,
                 **gen.log_record(),
                 "choices": [
                     {"text": t, "finish_reason": r or "cancelled"}
@@ -511,23 +530,23 @@ def create_app(
             except OSError as e:  # a full disk must not take the answer down with it
                 print(f"warning: --log-conversations: {e}", file=sys.stderr, flush=True)
 
-    async def _stream(gen: Generation, model: ServedModel, ids: Ids, choices: _Choices,
+    async def _stream(gen: Generation, model_id: str, ids: Ids, choices: _Choices,
                       events: AsyncIterator[tuple[int, str, str | None]], handle: RequestHandle,
                       prompt_tokens: int, endpoint: str) -> AsyncIterator[str]:  # fmt: skip
         error: str | None = None
         try:
             extra = {"with_usage_field": gen.include_usage}
             for i in range(gen.n):
-                yield _sse(chunk_object(ids, model.label, i, role=gen.kind == "chat", **extra))
+                yield _sse(chunk_object(ids, model_id, i, role=gen.kind == "chat", **extra))
             async for i, text, reason in events:
                 if text:
-                    yield _sse(chunk_object(ids, model.label, i, text=text, **extra))
+                    yield _sse(chunk_object(ids, model_id, i, text=text, **extra))
                 if reason is not None:
-                    yield _sse(chunk_object(ids, model.label, i, text="" if gen.kind != "chat" else None,
+                    yield _sse(chunk_object(ids, model_id, i, text="" if gen.kind != "chat" else None,
                                             finish_reason=reason, **extra))  # fmt: skip
             if gen.include_usage:
                 yield _sse(
-                    chunk_object(ids, model.label, None, usage_=usage(prompt_tokens, sum(choices.tokens)))
+                    chunk_object(ids, model_id, None, usage_=usage(prompt_tokens, sum(choices.tokens)))
                 )
             yield "data: [DONE]\n\n"
         except _Failed as e:
@@ -538,9 +557,9 @@ def create_app(
             yield _sse(ApiError(500, f"Internal server error: {error}").body())
         finally:
             # Also reached when the client disconnects: the response task is cancelled inside `events`.
-            _done(handle, gen, model, ids, choices, prompt_tokens, endpoint, error)
+            _done(handle, gen, model_id, ids, choices, prompt_tokens, endpoint, error)
 
-    async def _collect(request: Request, gen: Generation, model: ServedModel, ids: Ids, choices: _Choices,
+    async def _collect(request: Request, gen: Generation, model_id: str, ids: Ids, choices: _Choices,
                        events: AsyncIterator[tuple[int, str, str | None]], handle: RequestHandle,
                        prompt_tokens: int, endpoint: str) -> Response:  # fmt: skip
         async def drain() -> None:
@@ -563,13 +582,13 @@ def create_app(
             texts = choices.texts
             reasons = [r or "stop" for r in choices.reasons]
             return JSONResponse(
-                completion_object(ids, model.label, texts, reasons, prompt_tokens, sum(choices.tokens))
+                completion_object(ids, model_id, texts, reasons, prompt_tokens, sum(choices.tokens))
             )
         finally:
             gone.cancel()
             if not work.done():
                 work.cancel()
-            _done(handle, gen, model, ids, choices, prompt_tokens, endpoint, error)
+            _done(handle, gen, model_id, ids, choices, prompt_tokens, endpoint, error)
 
     return app
 
@@ -642,8 +661,9 @@ async def _events(
 
 
 def _unknown_model(name: str, model: ServedModel) -> ApiError:
+    served = ", ".join(f"'{i}'" for i in model.ids)
     return ApiError(
-        404, f"The model '{name}' does not exist; this server serves '{model.label}'", param="model",
+        404, f"The model '{name}' does not exist; this server serves {served}", param="model",
         code="model_not_found",
     )  # fmt: skip
 

@@ -13,6 +13,10 @@ seeded `seed + i`, so a seeded request gets the same tokens whether it runs alon
 (rows never mix: the decode step is row-independent). The calculator tool runs as in `Engine`
 (`Engine.next_token`): tool-output tokens are forced and reported with `forced=True`.
 
+With a LoRA bank (`nanoctl.model.lora_bank`, several `--lora` adapters) every request names its adapter
+(`GenerationRequest.adapter`, -1 = the base) and rows of different adapters still decode together: each
+forward runs inside `bank.select(...)` with the prefill's row or the decode rows' adapters in row order.
+
 Events go to each request's `asyncio.Queue` through `loop.call_soon_threadsafe`; the HTTP layer turns
 them into text (UTF-8 safe) and SSE chunks.
 """
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     import torch
 
     from nanoctl.model.gpt import GPT
+    from nanoctl.model.lora_bank import LoRABank
 
 
 @dataclass
@@ -43,6 +48,7 @@ class GenerationRequest:
     prompt: list[int]  # rendered token ids
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1  # parallel samples; sample i uses seed params.seed + i
+    adapter: int = -1  # the LoRA bank's adapter every row uses (-1: the base model)
 
 
 @dataclass
@@ -124,8 +130,10 @@ class Scheduler:
         prefill_chunk: int = 256,
         name: str = "cpu",
         on_step: Callable[[int], None] | None = None,
+        bank: LoRABank | None = None,
     ) -> None:
         self.model = model
+        self.bank = bank  # several adapters mounted unmerged, chosen per row (None: the model as loaded)
         self.engine = Engine(model, tokenizer)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -166,6 +174,9 @@ class Scheduler:
             )
         if req.n > self.max_batch:
             raise ValueError(f"n={req.n} is more than the server's {self.max_batch} rows")
+        adapters = 0 if self.bank is None else self.bank.size
+        if not -1 <= req.adapter < adapters:
+            raise ValueError(f"adapter {req.adapter} is not loaded ({adapters} adapter(s))")
         handle = RequestHandle(req, loop)
         with self._wake:
             if len(self._waiting) >= self.max_queue:
@@ -269,11 +280,12 @@ class Scheduler:
 
         ids = self._tensor([chunk])
         view = self._cache.row(p.slots[0])
-        if last:
-            with last_position_logits(self.model):
-                logits = self.model(ids, kv_cache=view, softcap=False)[:, -1, :]
-        else:
-            self.model(ids, kv_cache=view, softcap=False)
+        with self._adapters([p.handle.request.adapter]):
+            if last:
+                with last_position_logits(self.model):
+                    logits = self.model(ids, kv_cache=view, softcap=False)[:, -1, :]
+            else:
+                self.model(ids, kv_cache=view, softcap=False)
         p.pos += len(chunk)
         if not last:
             return False  # the running rows decode before this prompt's next chunk
@@ -308,7 +320,8 @@ class Scheduler:
         rows = sorted(self._rows, key=lambda r: r.slot)
         view = self._cache.decode_view([r.slot for r in rows])
         ids = self._tensor([[r.last] for r in rows])
-        logits = self.model(ids, kv_cache=view, softcap=False)[:, -1, :]
+        with self._adapters([r.handle.request.adapter for r in rows]):
+            logits = self.model(ids, kv_cache=view, softcap=False)[:, -1, :]
         self._sample(rows, logits)
         self._rows = [r for r in rows if not r.done]
         if self.on_step is not None:
@@ -366,6 +379,10 @@ class Scheduler:
         self._rows, self._prefills = [], deque()
         for h in handles:
             h.emit(ErrorEvent(message))
+
+    def _adapters(self, adapters: list[int]) -> contextlib.AbstractContextManager[None]:
+        """The rows of the next forward use these adapters (a no-op without a bank)."""
+        return contextlib.nullcontext() if self.bank is None else self.bank.select(adapters)
 
     def _tensor(self, data: list[Any]) -> torch.Tensor:
         import torch

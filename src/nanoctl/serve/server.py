@@ -54,9 +54,11 @@ class ServeOptions:
     checkpoint: str | None = option(
         None, help="A checkpoint directory or model_<step>.pt file (overrides --stage/--tag).", panel=START
     )
-    lora: str | None = option(
-        None, help="Mount this LoRA adapter directory (base: the adapter's own unless --stage/--tag/--step/"
-        "--checkpoint); the model id gains +lora.", panel=START,
+    lora: list[str] = option(
+        help="A LoRA adapter directory, PATH or NAME=PATH (repeatable; base: the adapters' own unless "
+        "--stage/--tag/--step/--checkpoint). One PATH is merged into the weights (model id <base>+lora:...); "
+        "several, or a NAME, are served unmerged beside the base, each its own model id (NAME, else "
+        "lora:<stage>/<tag>@<step>), chosen per request by `model`.", factory=list, panel=START,
     )
     device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps.")
     dtype: str | None = option(
@@ -106,6 +108,8 @@ class ServeOptions:
 
     def validate(self) -> None:
         """Usage errors (exit 2) before anything slow."""
+        if isinstance(self.lora, str):  # a library caller's single path
+            self.lora = [self.lora]
         if self.stage is not None and self.stage not in STAGES:
             raise UsageError(f"--stage {self.stage!r} is not a stage", f"use one of: {', '.join(STAGES)}")
         if self.step is not None and self.step < 0:
@@ -169,6 +173,8 @@ def print_event(event: Event) -> None:
         line = f"listening on {event['url']} (loading {event['model']}…)"
     elif kind == "ready":
         line = f"ready: {event['model']} at {event['url']}/v1 on {', '.join(event['devices'])}"
+        if event.get("adapters"):
+            line += f" (LoRA adapters: {', '.join(event['adapters'])})"
     elif kind == "draining":
         line = f"shutting down: {event['in_flight']} request(s) in flight, waiting up to {event['timeout_s']:g} s"
     elif kind == "stopped":
@@ -189,7 +195,7 @@ def serve(
     home = Home.resolve(home)
     say = on_event or print_event
     devices = _devices(opts)
-    ref = _resolve(opts, home)
+    ref, adapters = _resolve(opts, home)
     sock, url = _bind(opts.host, opts.port)  # before the slow imports: a port in use fails at once
     try:
         config = opts.app_config()
@@ -198,13 +204,13 @@ def serve(
                 f"warning: listening on {url} without --api-key: anyone who can reach this port can use the model",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
-        _run(opts, home, ref, devices, config, sock, url, say)
+        _run(opts, home, ref, adapters, devices, config, sock, url, say)
     finally:
         sock.close()
 
 
-def _run(opts: ServeOptions, home: Home, ref: Any, devices: list[str], config: AppConfig, sock: socket.socket,
-         url: str, say: Callable[[Event], None]) -> None:  # fmt: skip
+def _run(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], devices: list[str],
+         config: AppConfig, sock: socket.socket, url: str, say: Callable[[Event], None]) -> None:  # fmt: skip
     import uvicorn
 
     from nanoctl.serve.api import ServerState, create_app
@@ -227,7 +233,7 @@ def _run(opts: ServeOptions, home: Home, ref: Any, devices: list[str], config: A
     )  # fmt: skip
     schedulers: list[Any] = []
     loader = threading.Thread(
-        target=_load, args=(opts, home, ref, devices, state, metrics, schedulers, server, url, say),
+        target=_load, args=(opts, home, ref, adapters, devices, state, metrics, schedulers, server, url, say),
         name="nanoctl-serve-load", daemon=True,
     )  # fmt: skip
     say({"event": "listening", "url": url, "model": ref.label})
@@ -242,25 +248,37 @@ def _run(opts: ServeOptions, home: Home, ref: Any, devices: list[str], config: A
     say({"event": "stopped"})
 
 
-def _load(opts: ServeOptions, home: Home, ref: Any, devices: list[str], state: ServerState, metrics: Any,
-          schedulers: list[Any], server: Any, url: str, say: Callable[[Event], None]) -> None:  # fmt: skip
-    """Load a replica per device and start its scheduler (in a thread: /health answers meanwhile)."""
+def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], devices: list[str],
+          state: ServerState, metrics: Any, schedulers: list[Any], server: Any, url: str,
+          say: Callable[[Event], None]) -> None:  # fmt: skip
+    """Load a replica per device and start its scheduler (in a thread: /health answers meanwhile).
+
+    `adapters` (model id -> directory) non-empty: the base loads unmerged and the adapters go into a LoRA
+    bank on every replica; else `opts.lora` (one path at most) is merged as `nanoctl chat` does.
+    """
     try:
         from nanoctl.chat import ChatOptions, load_chat_model
         from nanoctl.serve.api import ServedModel
         from nanoctl.serve.scheduler import Router, Scheduler
 
+        entries = _bank_entries(adapters)
+        merged = None if adapters or not opts.lora else opts.lora[0]
         loaded = None
         for device in devices:
             loaded = load_chat_model(
                 ChatOptions(checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
-                            lora=opts.lora, quantize=opts.quantize),
+                            lora=merged, quantize=opts.quantize),
                 home=home,
             )
+            bank = None
+            if entries:
+                from nanoctl.model.lora_bank import mount_bank
+
+                bank = mount_bank(loaded.model, entries)  # after int8, if any: the adapters stay fp32
             sched = Scheduler(
                 loaded.model, loaded.tokenizer, max_batch=opts.max_batch, max_queue=opts.max_queue,
                 prefill_chunk=opts.prefill_chunk, name=loaded.device,
-                on_step=lambda rows: metrics.decode_steps.inc(),
+                on_step=lambda rows: metrics.decode_steps.inc(), bank=bank,
             )  # fmt: skip
             sched.start()
             schedulers.append(sched)
@@ -272,9 +290,13 @@ def _load(opts: ServeOptions, home: Home, ref: Any, devices: list[str], state: S
             ServedModel(
                 label, loaded.tokenizer, backend, loaded.completion_mode, loaded.context_len,
                 rows_per_engine=opts.max_batch, engines=len(schedulers),
+                adapters={model_id: k for k, model_id in enumerate(adapters)},
             )
         )  # fmt: skip
-        say({"event": "ready", "url": url, "model": label, "devices": [s.name for s in schedulers]})
+        ready: Event = {"event": "ready", "url": url, "model": label, "devices": [s.name for s in schedulers]}
+        if adapters:
+            ready["adapters"] = list(adapters)
+        say(ready)
     except NanoctlError as e:
         state.set_failed(e.message)
         server.should_exit = True
@@ -301,13 +323,30 @@ def _devices(opts: ServeOptions) -> list[str]:
     return [f"cuda:{i}" for i in range(opts.gpus)]
 
 
-def _resolve(opts: ServeOptions, home: Home) -> Any:
-    """Which checkpoint, found before the port is bound so a missing one is a one-line error at once."""
-    from nanoctl.adapters import check_adapter_path, resolve_base
+def _resolve(opts: ServeOptions, home: Home) -> tuple[Any, dict[str, Any]]:
+    """Which checkpoint, and the banked adapters (model id -> directory; empty: none, or one merged),
+    found before the port is bound so a missing one or a bad --lora is a one-line error at once."""
+    from nanoctl.adapters import resolve_base
+    from nanoctl.serve.adapter_specs import adapter_ids, banked, check_one_base, parse_lora
 
-    if opts.lora is not None:
-        check_adapter_path(opts.lora)
-    return resolve_base(opts.lora, opts.stage, opts.tag, opts.step, opts.checkpoint, home)
+    specs = parse_lora(opts.lora)
+    first = specs[0].path if specs else None
+    ref = resolve_base(first, opts.stage, opts.tag, opts.step, opts.checkpoint, home)
+    if not banked(specs):
+        return ref, {}
+    if opts.checkpoint is None and opts.stage is None and opts.tag is None and opts.step is None:
+        check_one_base(specs, ref)  # the base came from the first adapter's record
+    return ref, dict(zip(adapter_ids(specs, ref.label), (s.path for s in specs), strict=True))
+
+
+def _bank_entries(adapters: dict[str, Any]) -> list[Any]:
+    """Each banked adapter's tensors, read once for every replica."""
+    if not adapters:
+        return []
+    from nanoctl.model.lora import read_adapter
+    from nanoctl.model.lora_bank import BankEntry
+
+    return [BankEntry(model_id, *read_adapter(path)[:2]) for model_id, path in adapters.items()]
 
 
 def _bind(host: str, port: int) -> tuple[socket.socket, str]:
