@@ -106,7 +106,13 @@ def test_engine_replies_match_fp32_and_kv_cached_rows_sample() -> None:
 def test_continuous_batching_scheduler_serves_the_int8_model() -> None:
     model, tok = trained_chat_model(), tiny_tokenizer()
     want = [greedy_reply(Engine(model, tok), prompt_for(t)) for t in PROMPTS]
-    sched = Scheduler(int8_copy(model), tok, max_batch=4, prefill_chunk=8)
+    got = scheduler_replies(int8_copy(model), PROMPTS * 2)  # 6 requests on 4 rows
+    assert [g[: len(w)] for g, w in zip(got, want * 2, strict=True)] == want * 2
+
+
+def scheduler_replies(model: GPT, texts: list[str]) -> list[list[int]]:
+    """Greedy replies to `texts`, submitted together to a continuous-batching scheduler of 4 rows."""
+    sched = Scheduler(model, tiny_tokenizer(), max_batch=4, prefill_chunk=8)
     sched.start()
 
     async def one(text: str) -> list[int]:
@@ -123,13 +129,12 @@ def test_continuous_batching_scheduler_serves_the_int8_model() -> None:
             out.append(ev.token)
 
     async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(t) for t in PROMPTS * 2)))  # 6 requests on 4 rows
+        return list(await asyncio.gather(*(one(t) for t in texts)))
 
     try:
-        got = asyncio.run(together())
+        return asyncio.run(together())
     finally:
         sched.close()
-    assert [g[: len(w)] for g, w in zip(got, want * 2, strict=True)] == want * 2
 
 
 def test_refusals() -> None:

@@ -8,8 +8,6 @@ token-identical, and on a tiny model trained on real text (a pretraining shard) 
 
 from __future__ import annotations
 
-import asyncio
-import copy
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +16,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanoctl.engine import Engine, SamplingParams
+from nanoctl.engine import Engine
 from nanoctl.errors import NanoctlError
 from nanoctl.model.gpt import GPT, GPTConfig, build_model
-from nanoctl.model.quantize import Int8GPT, Int8MLA, Int8MLP, Int8MoE, quantize_model, weight_bytes
-from nanoctl.serve.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from nanoctl.model.quantize import Int8GPT, Int8MLA, Int8MLP, Int8MoE, weight_bytes
+from test_quantize import PROMPTS, greedy_reply, int8_copy, scheduler_replies
 from tiny_chat import CONVERSATIONS, VOCAB, prompt_for, random_model, single_thread, tiny_tokenizer
-
-PROMPTS = [c["messages"][0]["content"] for c in CONVERSATIONS]  # "hi", "bye", "what is 2+3?"
 
 
 @pytest.fixture(autouse=True)
@@ -68,19 +64,6 @@ def chat_model() -> GPT:
     torch.manual_seed(0)
     with single_thread():
         return train(build_model(ds_config(), "cpu", torch.float32), x, y, steps=100)
-
-
-def int8_copy(model: GPT) -> GPT:
-    return quantize_model(copy.deepcopy(model), "int8")
-
-
-def greedy_reply(engine: Engine, prompt: list[int]) -> list[int]:
-    out: list[int] = []
-    for column, _ in engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=40)):
-        if column[0] in engine.stop_tokens:
-            break
-        out.append(column[0])
-    return out
 
 
 # -- the model ---------------------------------------------------------------------------------------------
@@ -158,29 +141,7 @@ def test_engine_replies_match_fp32() -> None:
 def test_continuous_batching_scheduler_serves_the_int8_model() -> None:
     model, tok = chat_model(), tiny_tokenizer()
     want = [greedy_reply(Engine(model, tok), prompt_for(t)) for t in PROMPTS]
-    sched = Scheduler(int8_copy(model), tok, max_batch=4, prefill_chunk=8)
-    sched.start()
-
-    async def one(text: str) -> list[int]:
-        handle = sched.submit(
-            GenerationRequest(prompt_for(text), SamplingParams(temperature=0.0, max_tokens=40)),
-            asyncio.get_running_loop(),
-        )
-        out: list[int] = []
-        while True:
-            ev = await asyncio.wait_for(handle.events.get(), 60)
-            if isinstance(ev, FinishEvent):
-                return out
-            assert isinstance(ev, TokenEvent), ev
-            out.append(ev.token)
-
-    async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(t) for t in PROMPTS * 2)))  # 6 requests on 4 rows
-
-    try:
-        got = asyncio.run(together())
-    finally:
-        sched.close()
+    got = scheduler_replies(int8_copy(model), PROMPTS * 2)  # 6 requests on 4 rows: ragged MLA decode
     assert [g[: len(w)] for g, w in zip(got, want * 2, strict=True)] == want * 2
 
 
