@@ -32,15 +32,16 @@ T = 12  # tokens per row
 
 
 def tiny(arch: str = "current", n_embd: int = 64, seed: int = 0) -> Any:
+    moe = {"n_experts": 4, "top_k": 2} if arch == "deepseek" else {}  # layer 0 dense, layer 1 MoE
     cfg = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=n_embd,
-                    arch=arch, window_pattern="SL")  # fmt: skip
+                    arch=arch, window_pattern="SL", **moe)  # type: ignore[arg-type]  # fmt: skip
     return random_model(cfg, seed=seed, scale=0.1)
 
 
 def make_adapter(base: Any, name: str, rank: int, targets: str, seed: int) -> tuple[BankEntry, Any]:
     """(bank entry, the base with this adapter merged in): random A and B, so the update is visible."""
     model = copy.deepcopy(base)
-    add_lora(model, make_config(rank, None, 0.0, targets))
+    add_lora(model, make_config(rank, None, 0.0, targets, arch=base.config.arch))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(model):
@@ -55,13 +56,20 @@ def one_thread() -> Any:
         yield
 
 
-@pytest.fixture(scope="module", params=["current", "classic"])
+# per arch: (targets of three adapters). deepseek: no kv_up (refused, see the last test); its fc and
+# mlp_proj cover the dense MLP and the MoE layer's shared expert, which sees (rows x T) flattened tokens
+ADAPTERS = {"current": ("all", "q,v", "fc,mlp_proj"), "classic": ("all", "q,v", "fc,mlp_proj"),
+            "deepseek": ("q,kv_down,proj,fc,mlp_proj", "q,kv_down", "fc,mlp_proj")}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(ADAPTERS))
 def setup(request: pytest.FixtureRequest) -> dict[str, Any]:
     base = tiny(request.param)
+    first, second, third = ADAPTERS[request.param]
     made = [
-        make_adapter(base, "all4", 4, "all", seed=1),  # every matrix, fc included (the fused MLP path)
-        make_adapter(base, "qv2", 2, "q,v", seed=2),  # another rank, fewer targets
-        make_adapter(base, "mlp8", 8, "fc,mlp_proj", seed=3),
+        make_adapter(base, "all4", 4, first, seed=1),  # (nearly) every matrix, fc: the fused MLP path
+        make_adapter(base, "qv2", 2, second, seed=2),  # another rank, fewer targets
+        make_adapter(base, "mlp8", 8, third, seed=3),
     ]
     banked = copy.deepcopy(base)
     bank = mount_bank(banked, [e for e, _ in made])
@@ -176,8 +184,8 @@ def test_bad_adapters_and_indices_are_clear_errors(setup: dict[str, Any]) -> Non
     with pytest.raises(ValueError, match="adapter index 3 is not in -1..2"):
         with setup["bank"].select([0, 3]):
             pass
-    wide = tiny(n_embd=128)
-    with pytest.raises(NanoctlError, match=r"--lora all4: transformer\.h\.0\.attn\.c_q maps 64 -> 64"):
+    wide = tiny(setup["base"].config.arch, n_embd=128)
+    with pytest.raises(NanoctlError, match=r"--lora all4: transformer\.h\.0\.attn\.c_q maps 64 -> \d+ features"):
         mount_bank(copy.deepcopy(wide), setup["entries"][:1])
     deep_state = {k.replace("transformer.h.1.", "transformer.h.7."): v for k, v in setup["entries"][1].state.items()}
     with pytest.raises(NanoctlError, match=r"--lora deep: the model has no matrix transformer\.h\.7\.attn"):
@@ -187,3 +195,11 @@ def test_bad_adapters_and_indices_are_clear_errors(setup: dict[str, Any]) -> Non
         mount_bank(copy.deepcopy(setup["base"]), [BankEntry("half", setup["entries"][1].config, half)])
     with pytest.raises(NanoctlError, match="already carries a LoRA bank"):
         mount_bank(setup["banked"], setup["entries"][:1])
+
+
+def test_mla_kv_up_is_refused_with_the_way_out() -> None:
+    base = tiny("deepseek")
+    entry, _ = make_adapter(base, "latent", 4, "kv_up", seed=4)
+    with pytest.raises(NanoctlError, match="--lora latent: an adapter on MLA's kv_up") as e:
+        mount_bank(copy.deepcopy(base), [entry])
+    assert "one --lora PATH" in str(e.value.hint)

@@ -19,6 +19,7 @@ Exactness, by construction:
   padded components contribute exactly 0;
 - an adapter that does not target a matrix is all zeros there too.
 Each row's update reads only that row, so a row's result does not depend on its neighbours' adapters.
+A banked matrix sees (rows, T, in), or the rows' tokens flattened in order (MoE's shared expert).
 
 The matrices are found from the adapters' own tensor keys (`<module>.lora_A.weight`, as
 `lora.read_adapter` returns them) with `model.get_submodule`, so any target `lora.py` writes works. The
@@ -99,9 +100,10 @@ class BankedLinear(nn.Module):
         index = self.bank.index
         if index is None:
             return out
-        rows = x.size(0)
-        if index.numel() != rows:
-            raise ValueError(f"{index.numel()} adapter indices for a batch of {rows} rows")
+        rows = index.numel()
+        # x is (rows, T, in), or rows x T tokens flattened in order (MoE's shared expert sees (rows*T, in))
+        if x.size(0) % rows:
+            raise ValueError(f"{rows} adapter indices for a batch of {x.size(0)} rows")
         flat = x.reshape(rows, -1, self.in_features)  # (rows, T, in)
         a = torch.bmm(flat, self.lora_A[index].to(x.dtype).transpose(1, 2))  # (rows, T, r)
         delta = torch.bmm(a, self.lora_B[index].to(x.dtype).transpose(1, 2))  # (rows, T, out)
