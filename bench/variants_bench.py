@@ -14,6 +14,8 @@ Same run, same data (the real pretraining shards), a temporary home with a small
     python bench/variants_bench.py                   # d4 and d6, 400 dense steps each
     python bench/variants_bench.py --depths 4 --steps 100 --json
     python bench/variants_bench.py --lora            # and then bench/lora_bench.py as one more section
+    python bench/variants_bench.py --depths 4 --arm moe8 --arm wide:kv_lora_rank=256 --skip-decode
+                                                     # more deepseek arms (pretrain options), same budget
 
 The dense arm is the classic trunk (no value embeddings, residual scalars or smear), the trunk the
 deepseek arch is built on, so the comparison isolates MLA + MoE; `--dense-arch current` compares with
@@ -86,6 +88,16 @@ def train(home: Path, tag: str, arch: str, depth: int, target_flops: float, eval
     }
 
 
+def parse_arm(text: str) -> tuple[str, dict[str, Any]]:
+    """'name:key=value,key=value' -> (name, PretrainOptions overrides on top of MOE); 'name' alone = MOE."""
+    name, _, rest = text.partition(":")
+    extra: dict[str, Any] = dict(MOE)
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        extra[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+    return name, extra
+
+
 def bpb_at_time(run: dict[str, Any], seconds: float) -> tuple[float, int]:
     """(val bpb, step) of the run's last eval at or before `seconds` of training."""
     best = run["evals"][0]
@@ -127,11 +139,16 @@ def main() -> None:
     ap.add_argument("--dense-arch", default="classic")
     ap.add_argument("--data", type=Path, default=SHARED)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--arm", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
+                    help="a deepseek arm (repeatable): pretrain options over the default MoE, e.g."
+                    " wide:kv_lora_rank=256 or fine:experts=16,top_k=4 (default: one arm, deepseek)")
+    ap.add_argument("--skip-decode", action="store_true", help="training only")
     ap.add_argument("--lora", action="store_true", help="run bench/lora_bench.py afterwards, if it exists")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    arms = [parse_arm(a) for a in args.arm or ["ds"]]
     report: dict[str, Any] = {"training": [], "decode": []}
     with tempfile.TemporaryDirectory() as tmp:
         home = make_home(Path(tmp) / "home", args.data, args.vocab)
@@ -141,17 +158,22 @@ def main() -> None:
                 flops = GPT(dense_cfg).estimate_flops() * 1024 * args.steps  # 4 rows x 256 tokens per step
             eval_every = max(1, args.steps // 8)
             dense = train(home, f"dense{depth}", args.dense_arch, depth, flops, eval_every, args.threads, {})
-            moe = train(home, f"ds{depth}", "deepseek", depth, flops, eval_every, args.threads, MOE)
-            same_time = min(dense["train_time_s"], moe["train_time_s"])
-            for run in (dense, moe):
-                run["val_bpb_at_same_time"], run["step_at_same_time"] = bpb_at_time(run, same_time)
-            report["training"].append({"depth": depth, "budget_flops": flops, "same_time_s": same_time,
-                                       "dense": dense, "deepseek": moe})  # fmt: skip
             print(f"d{depth}: dense {dense['final_val_bpb']:.4f} bpb in {dense['steps']} steps"
-                  f" ({dense['step_ms']:.0f} ms/step); deepseek {moe['final_val_bpb']:.4f} in {moe['steps']} steps"
-                  f" ({moe['step_ms']:.0f} ms/step); at {same_time:.0f} s: dense {dense['val_bpb_at_same_time']:.4f}"
-                  f" vs deepseek {moe['val_bpb_at_same_time']:.4f}", flush=True)
-    for depth in args.depths:
+                  f" ({dense['step_ms']:.0f} ms/step)", flush=True)
+            for name, extra in arms:
+                moe = train(home, f"{name}{depth}", "deepseek", depth, flops, eval_every, args.threads, extra)
+                moe["arm"], moe["options"] = name, extra
+                same_time = min(dense["train_time_s"], moe["train_time_s"])
+                for run in (dense, moe):
+                    run["val_bpb_at_same_time"], run["step_at_same_time"] = bpb_at_time(run, same_time)
+                report["training"].append({"depth": depth, "budget_flops": flops, "same_time_s": same_time,
+                                           "dense": dict(dense), "deepseek": moe})  # fmt: skip
+                print(f"d{depth} {name} {extra}: {moe['final_val_bpb']:.4f} bpb in {moe['steps']} steps"
+                      f" ({moe['step_ms']:.0f} ms/step, {moe['params']}); vs dense"
+                      f" {moe['final_val_bpb'] / dense['final_val_bpb'] - 1:+.2%} at the same FLOPs; at"
+                      f" {same_time:.0f} s: dense {dense['val_bpb_at_same_time']:.4f} vs"
+                      f" {moe['val_bpb_at_same_time']:.4f}", flush=True)
+    for depth in [] if args.skip_decode else args.depths:
         for arch in (args.dense_arch, "deepseek"):
             d = decode(arch, depth, 32768, args.repeats)
             report["decode"].append(d)

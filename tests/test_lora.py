@@ -217,6 +217,16 @@ def test_lora_sft_saves_adapters_apart_and_resumes(home: Path, tmp_path: Path) -
     with pytest.raises(UsageError, match="lora"):
         sft(sft_opts(data, save_every=3, lora_rank=8, num_iterations=8), home=Home(home))
 
+    # `cache ls` lists the adapter run with its base; `cache rm adapters/sft/d2` removes only it
+    from nanoctl.cache import list_artifacts, remove_artifacts, resolve_targets
+
+    (entry,) = [a for a in list_artifacts(Home(home)) if a.kind == "adapter"]
+    assert entry.name == "sft/d2" and entry.path == str(out)
+    assert entry.detail.startswith("rank 4, alpha 8, on base/d2@0, step 6")
+    assert entry.size_bytes == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert remove_artifacts(resolve_targets(["adapters/sft/d2"], Home(home))) == entry.size_bytes
+    assert not out.exists() and (home / "checkpoints" / "base" / "d2").is_dir()
+
 
 def test_cli_sft_lora_then_chat_eval_and_merge(home: Path, tmp_path: Path, shared_data: Path) -> None:
     from nanoctl.checkpoint import load_model

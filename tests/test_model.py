@@ -587,3 +587,19 @@ def test_cpu_mlp_fused_relu_square_matches_autograd() -> None:
     expected = (ref.detach(), x.grad, mlp.c_fc.weight.grad, mlp.c_proj.weight.grad)
     for got, want in zip(fused, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32])
+def test_cpu_decode_head_equals_lm_head_and_is_contiguous(rows: int) -> None:
+    """The decode-step head (a cached transposed copy) gives lm_head's logits for any row count, as a
+    contiguous (rows, 1, vocab) tensor, and follows an in-place weight update (no stale copy)."""
+    cfg = GPTConfig(sequence_len=32, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, arch="classic")
+    model = build_model(cfg, "cpu", torch.float32)
+    x = torch.randn(rows, 1, 64)
+    with torch.no_grad():
+        model.lm_head.weight.normal_()  # not the init's small values: a wrong product must show
+        out = model._head(x)
+        assert out.shape == (rows, 1, 512) and out.is_contiguous()
+        torch.testing.assert_close(out, model.lm_head(x), atol=1e-5, rtol=1e-5)
+        model.lm_head.weight.mul_(2.0)
+        torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-5, rtol=1e-5)

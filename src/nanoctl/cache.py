@@ -18,8 +18,8 @@ _STEP_RE = re.compile(r"^model_(\d+)\.pt$")
 
 @dataclass
 class Artifact:
-    kind: str  # shards | tokenizer | checkpoint | eval | report | tasks
-    name: str  # e.g. "base", "sample", "base/d4@000100"
+    kind: str  # shards | tokenizer | checkpoint | adapter | eval | report | tasks
+    name: str  # e.g. "base", "sample", "base/d4@000100", "sft/d4" (an adapter directory)
     path: str
     size_bytes: int
     modified: float
@@ -101,6 +101,7 @@ def list_artifacts(home: Home | str | os.PathLike[str] | None = None) -> list[Ar
                             "model+optimizer" if has_optim else "model",
                         )
                     )
+    found.extend(_adapters(h))
     if h.eval_bundle_dir.is_dir():
         size, mtime = _tree_size(h.eval_bundle_dir)
         found.append(Artifact("eval", "bundle", str(h.eval_bundle_dir), size, mtime))
@@ -108,6 +109,37 @@ def list_artifacts(home: Home | str | os.PathLike[str] | None = None) -> list[Ar
         for d in sorted(p for p in h.reports_root.iterdir() if p.is_dir()):
             size, mtime = _tree_size(d)
             found.append(Artifact("report", d.name, str(d), size, mtime))
+    return found
+
+
+def _adapters(h: Home) -> list[Artifact]:
+    """One entry per LoRA run directory (`<home>/adapters/<stage>/<tag>`): its PEFT files plus the
+    checkpoints it resumes from; the detail names rank, alpha and the base it was trained on."""
+    import json
+
+    found = []
+    if not h.adapters_root.is_dir():
+        return found
+    for stage_dir in sorted(p for p in h.adapters_root.iterdir() if p.is_dir()):
+        for tag_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+            size, mtime = _tree_size(tag_dir)
+            parts = []
+            try:
+                cfg = json.loads((tag_dir / "adapter_config.json").read_text())
+                parts.append(f"rank {cfg['r']}, alpha {cfg['lora_alpha']:g}")
+                record = json.loads((tag_dir / "nanoctl_adapter.json").read_text())
+                parent, step = record.get("parent") or {}, record.get("step")
+                if parent:
+                    parts.append(f"on {parent['stage']}/{parent['tag']}@{parent['step']}")
+                if step is not None:
+                    parts.append(f"step {step}")
+            except (OSError, ValueError, KeyError, TypeError):
+                parts = parts or ["no adapter files yet (an interrupted first run?)"]
+            steps = checkpoint_steps(tag_dir)
+            if steps:
+                parts.append(f"{len(steps)} checkpoint{'s' if len(steps) > 1 else ''}")
+            found.append(Artifact("adapter", f"{stage_dir.name}/{tag_dir.name}", str(tag_dir), size, mtime,
+                                  ", ".join(parts)))
     return found
 
 
@@ -148,6 +180,7 @@ def resolve_targets(names: list[str], home: Home | str | os.PathLike[str] | None
         "data": h.root / "data",
         "tokenizer": h.tokenizer_dir,
         "checkpoints": h.checkpoints_root,
+        "adapters": h.adapters_root,
         "reports": h.reports_root,
         "eval": h.root / "eval",
         "all": h.root,
@@ -158,12 +191,14 @@ def resolve_targets(names: list[str], home: Home | str | os.PathLike[str] | None
             path = fixed[name]
         elif name.startswith("checkpoints/") and 2 <= len(name.split("/")) <= 3:
             path = h.checkpoints_root.joinpath(*name.split("/")[1:])
+        elif name.startswith("adapters/") and 2 <= len(name.split("/")) <= 3:
+            path = h.adapters_root.joinpath(*name.split("/")[1:])
         elif name.startswith("reports/") and len(name.split("/")) == 2:
             path = h.reports_root / name.split("/")[1]
         else:
             raise UsageError(
                 f"cannot remove {name!r}: expected data, tokenizer, checkpoints[/<stage>[/<tag>]], "
-                "reports[/<tag>], eval or all",
+                "adapters[/<stage>[/<tag>]], reports[/<tag>], eval or all",
                 "see `nanoctl cache ls` for what exists",
             )
         if not path.exists():

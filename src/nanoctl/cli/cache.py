@@ -8,7 +8,7 @@ import typer
 
 from nanoctl.cli.common import App, JsonOption, home_of, out
 
-cache_app = App(help="Inspect and clean the artifact home (shards, tokenizer, checkpoints, reports).")
+cache_app = App(help="Inspect and clean the artifact home (shards, tokenizer, checkpoints, adapters, reports).")
 
 
 @cache_app.command("path")
@@ -22,7 +22,7 @@ def cache_path(ctx: typer.Context) -> None:
 
 @cache_app.command("ls")
 def cache_ls(ctx: typer.Context, json_output: JsonOption = False) -> None:
-    """List what the home holds: shards, tokenizer, checkpoints per stage/tag/step, reports, with sizes.
+    """List what the home holds: shards, tokenizer, checkpoints per stage/tag/step, LoRA adapters, reports, with sizes.
 
     Example: [cyan]nanoctl cache ls --json[/]
     """
@@ -45,7 +45,8 @@ def cache_rm(
         list[str],
         typer.Argument(
             help="What to remove, as shown by `cache ls`: data, tokenizer, checkpoints, "
-            "checkpoints/<stage>, checkpoints/<stage>/<tag>, reports, eval, or all."
+            "checkpoints/<stage>, checkpoints/<stage>/<tag>, adapters, adapters/<stage>[/<tag>], reports, eval, "
+            "or all."
         ),
     ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
