@@ -285,6 +285,20 @@ def test_sft_lora_on_a_deepseek_base_then_chat_and_merge(home: Path, tmp_path: P
     assert abs(with_lora - bpb("--stage", "base", "--tag", "d2")) > 1e-6
 
 
+def test_cli_sft_targets_are_the_base_models_arch(home: Path, tmp_path: Path) -> None:
+    """`all` means the deepseek targets on a deepseek base; a dense-only name is exit 2 naming the flag."""
+    from nanoctl.cli.main import app
+
+    save_model(home, ds(), stage="base", tag="d2", step=0)
+    data = conversations_file(tmp_path / "c.jsonl")
+    runner = CliRunner()
+    r = runner.invoke(app, ["sft", "--lora-rank", "4", "--data", str(data), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "sft: base/d2@0 -> adapters/sft/d2" in r.output and "targets q,kv_down,kv_up,proj,fc,mlp_proj;" in r.output
+    r = runner.invoke(app, ["sft", "--lora-rank", "4", "--lora-targets", "q,k", "--data", str(data), "--dry-run"])
+    assert r.exit_code == 2 and "--lora-targets 'q,k': k is not a LoRA target of the deepseek arch" in r.output
+
+
 def test_mid_and_rl_train_deepseek_adapters(home: Path, tmp_path: Path) -> None:
     """mid and rl with --lora-rank on deepseek parents: adapters only (rl samples through the cached MLA
     path with its unmerged adapters), targets limited with --lora-targets."""

@@ -104,7 +104,7 @@ def quantize_model(model: GPT, mode: str) -> GPT:
         module.__class__ = Int8MLP  # same children and keys; forward differs
 
     def experts(stack: torch.Tensor) -> nn.ModuleList:
-        # (E, out, in) -> E int8 linears (the slices are views: no fp32 copy is kept)
+        # (E, out, in) -> E int8 linears; each slice is a view that from_float packs into its own int8 copy
         rows = []
         for w in stack.detach():
             plain = nn.Linear(w.size(1), w.size(0), bias=False)
