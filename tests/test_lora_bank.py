@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from nanoctl.errors import NanoctlError  # noqa: E402
+from nanoctl.model import lora_bank  # noqa: E402
 from nanoctl.model.gpt import GPTConfig  # noqa: E402
 from nanoctl.model.lora import (  # noqa: E402
     AdaptedMLP,
@@ -89,6 +90,28 @@ def test_mixed_batch_equals_each_rows_merged_model(setup: dict[str, Any]) -> Non
             torch.testing.assert_close(got[row], ref, rtol=0, atol=1e-5)
             if k >= 0:  # and the adapter really changed this row
                 assert (ref - setup["base"](ids[row : row + 1])[0]).abs().max() > 1e-3
+
+
+def test_many_adapters_take_the_per_row_gather_path_to_the_same_logits(
+    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MASKED_MAX_COLUMNS the bank gathers each row's A and B (bmm) instead of one masked matmul."""
+    monkeypatch.setattr(lora_bank, "MASKED_MAX_COLUMNS", 0)
+    banked = copy.deepcopy(setup["base"])
+    bank = mount_bank(banked, setup["entries"])
+    assert not banked.transformer.h[0].attn.c_q.masked and setup["banked"].transformer.h[0].attn.c_q.masked
+    adapters = [2, -1, 0, 1, 0]
+    ids = torch.randint(0, VOCAB, (len(adapters), 1), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        with bank.select(adapters):
+            got = banked(ids)
+        with setup["bank"].select(adapters):
+            masked = setup["banked"](ids)
+        torch.testing.assert_close(got, masked, rtol=0, atol=1e-5)
+        for row, k in enumerate(adapters):
+            ref = (setup["base"] if k < 0 else setup["merged"][k])(ids[row : row + 1])[0]
+            torch.testing.assert_close(got[row], ref, rtol=0, atol=1e-5)
+        assert torch.equal(got[1], banked(ids)[1])  # a base row beside adapted ones: exact
 
 
 def test_outside_select_and_index_minus_one_are_the_base(setup: dict[str, Any]) -> None:
