@@ -147,7 +147,7 @@ async def test_models_list_the_base_and_every_adapter(bank_sched: Scheduler) -> 
         models = (await sdk.models.list()).data
         assert [m.id for m in models] == [BASE, "x", Y_ID]
         assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE]
-        assert (await sdk.models.retrieve("x")).id == "x"
+        assert (await sdk.models.retrieve("x")).id == "x" and (await sdk.models.retrieve(Y_ID)).id == Y_ID
         with pytest.raises(openai.NotFoundError, match=f"serves '{BASE}', 'x', '{Y_ID}'"):
             await sdk.models.retrieve("z")
 
@@ -240,6 +240,7 @@ def test_live_server_serves_three_models(
         assert ready["model"] == BASE and ready["adapters"] == ["x", Y_ID]
         sdk = s.client()
         assert [m.id for m in sdk.models.list()] == [BASE, "x", Y_ID]
+        assert httpx.get(s.url + "/health", timeout=10).json()["adapters"] == ["x", Y_ID]
 
         def ask(model: str, prompt: str) -> str:
             r = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],

@@ -401,16 +401,17 @@ def create_app(
     async def health() -> JSONResponse:
         model = ready_model()  # 503 (OpenAI error, llama.cpp's shape) until ready
         backend = model.backend
-        return JSONResponse(
-            {
-                "status": "ok",
-                "model": model.label,
-                "workers": model.engines,
-                "queue_depth": backend.queue_depth,
-                "active_rows": backend.active_rows,
-                "max_rows": backend.max_batch,
-            }
-        )
+        body = {
+            "status": "ok",
+            "model": model.label,
+            "workers": model.engines,
+            "queue_depth": backend.queue_depth,
+            "active_rows": backend.active_rows,
+            "max_rows": backend.max_batch,
+        }
+        if model.adapters:
+            body["adapters"] = list(model.adapters)
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics_route() -> Response:
