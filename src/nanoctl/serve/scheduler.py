@@ -159,7 +159,9 @@ class Scheduler:
 
     @property
     def active_rows(self) -> int:
-        return len(self._rows)
+        # A finished row is marked done before its finish event goes out, but leaves `_rows` only after
+        # the whole step: not counting it, a client that has its reply never reads a stale count.
+        return sum(not r.done for r in self._rows)
 
     @property
     def load(self) -> int:
