@@ -104,6 +104,11 @@ class LoRABank:
             self._masks[key] = (own * self._scaling[1:].to(dtype)).repeat_interleave(rank, dim=1)
         return self._masks[key]
 
+    def row_scaling(self, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, 1, 1): each row's adapter's scaling (0 for the base)."""
+        assert self.index is not None
+        return self._scaling.to(dtype)[self.index].view(-1, 1, 1)
+
 
 class BankedLinear(nn.Module):
     """A base linear layer plus K stacked adapters; each row adds its own adapter's update."""
@@ -143,8 +148,7 @@ class BankedLinear(nn.Module):
             a = (flat @ self.a_cat.to(dtype).t()) * bank.mask(self.rank, dtype).unsqueeze(1)
             delta = torch.addmm(out.reshape(-1, self.out_features), a.view(-1, a.size(-1)), self.b_cat.to(dtype))
         else:
-            scale = bank._scaling.to(dtype)[index].view(rows, 1, 1)
-            a = torch.bmm(flat, self.a_t[index].to(dtype)) * scale
+            a = torch.bmm(flat, self.a_t[index].to(dtype)) * bank.row_scaling(dtype)
             delta = torch.baddbmm(out.reshape(rows, -1, self.out_features), a, self.b_t[index].to(dtype))
         return delta.view(out.shape)  # base + update in one op (addmm / baddbmm: out + a @ B)
 
