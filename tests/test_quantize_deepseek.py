@@ -21,7 +21,15 @@ from nanoctl.errors import NanoctlError
 from nanoctl.model.gpt import GPT, GPTConfig, build_model
 from nanoctl.model.quantize import Int8GPT, Int8MLA, Int8MLP, Int8MoE, weight_bytes
 from test_quantize import PROMPTS, greedy_reply, int8_copy, scheduler_replies
-from tiny_chat import CONVERSATIONS, VOCAB, prompt_for, random_model, single_thread, tiny_tokenizer
+from tiny_chat import (
+    CONVERSATIONS,
+    VOCAB,
+    conversation_batch,
+    prompt_for,
+    random_model,
+    single_thread,
+    tiny_tokenizer,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -54,13 +62,7 @@ def train(model: GPT, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int =
 @functools.cache
 def chat_model() -> GPT:
     """A deepseek model that memorized tiny_chat's CONVERSATIONS: greedy decoding reproduces them."""
-    tok = tiny_tokenizer()
-    rows = [tok.render_conversation(c)[0] for c in CONVERSATIONS]
-    T = max(len(r) for r in rows) - 1
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        x[i, : len(r) - 1], y[i, : len(r) - 1] = torch.tensor(r[:-1]), torch.tensor(r[1:])
+    x, y = conversation_batch(CONVERSATIONS)
     torch.manual_seed(0)
     with single_thread():
         return train(build_model(ds_config(), "cpu", torch.float32), x, y, steps=100)
