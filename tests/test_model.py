@@ -603,3 +603,22 @@ def test_cpu_decode_head_equals_lm_head_and_is_contiguous(rows: int) -> None:
         torch.testing.assert_close(out, model.lm_head(x), atol=1e-5, rtol=1e-5)
         model.lm_head.weight.mul_(2.0)
         torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_head_follows_optimizer_steps() -> None:
+    """MuonAdamW updates through `p.data` (no version bump): after_optimizer_step must drop the head's
+    cached copy, or decoding after a training step uses the old head (it broke exact RL resume)."""
+    cfg = GPTConfig(sequence_len=32, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, arch="classic")
+    model = build_model(cfg, "cpu", torch.float32)
+    opt = model.setup_optimizer()
+    x = torch.randn(4, 1, 64)
+    ids = torch.randint(0, 512, (2, 16))
+    for _ in range(2):
+        with torch.no_grad():
+            model._head(x)  # fills the cache
+        model(ids, targets=ids).backward()
+        opt.step()
+        model.after_optimizer_step()
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-5, rtol=1e-5)

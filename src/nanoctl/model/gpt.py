@@ -606,7 +606,10 @@ class GPT(nn.Module):
         )
 
     def after_optimizer_step(self) -> None:
-        """Called by the training framework after every optimizer step: DeepSeekMoE's bias balancing."""
+        """Called by the training framework after every optimizer step: the decode head's cached copy
+        goes (the optimizer's writes through `.data` do not show in the weight's version), and
+        DeepSeekMoE's bias balancing."""
+        self._decode_head.invalidate()
         if self.config.arch == "deepseek":
             from nanoctl.model.deepseek import update_routing_biases
 

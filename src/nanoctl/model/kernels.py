@@ -184,12 +184,18 @@ class DecodeHead:
     never slower than W @ x^T (1.0-1.25x faster per ragged decode step at d4/d6 in serve), and its
     (rows, vocab) result is contiguous, which the sampler's argmax/top-k read several times faster than
     W @ x^T's transposed view. Same values up to summation order. Holds the transposed copy: not a
-    parameter, not saved, rebuilt after any in-place update (optimizer step, load).
+    parameter, not saved. It is rebuilt when the weight's version or storage changes (a load, any
+    in-place op on the parameter) and when `invalidate` is called: the optimizer writes through
+    `p.data`, which leaves `_version` alone, so GPT.after_optimizer_step drops the copy after every step
+    (a stale head once made RL rollouts depend on where a run had resumed).
     """
 
     def __init__(self) -> None:
         self._weight_t: torch.Tensor | None = None
         self._key: tuple[Any, ...] | None = None
+
+    def invalidate(self) -> None:
+        self._weight_t, self._key = None, None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (rows, 1, dim) -> logits (rows, 1, padded vocab)."""
