@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -64,6 +65,15 @@ def greedy_reply(engine: Engine, prompt: list[int]) -> list[int]:
     return out
 
 
+def int8_engine_matching_fp32(model: Any, tok: Any) -> Engine:
+    """An Engine on the int8 copy of `model`, after checking its greedy replies equal fp32's on PROMPTS."""
+    fp32, int8 = Engine(model, tok), Engine(int8_copy(model), tok)
+    for text in PROMPTS:  # the calculator call included
+        want = greedy_reply(fp32, prompt_for(text))
+        assert want and greedy_reply(int8, prompt_for(text)) == want, text
+    return int8
+
+
 # -- library -----------------------------------------------------------------------------------------------
 
 
@@ -93,11 +103,7 @@ def test_weights_are_at_least_3x_smaller() -> None:
 
 
 def test_engine_replies_match_fp32_and_kv_cached_rows_sample() -> None:
-    model, tok = trained_chat_model(), tiny_tokenizer()
-    fp32, int8 = Engine(model, tok), Engine(int8_copy(model), tok)
-    for text in PROMPTS:  # the calculator call included
-        want = greedy_reply(fp32, prompt_for(text))
-        assert want and greedy_reply(int8, prompt_for(text)) == want, text
+    int8 = int8_engine_matching_fp32(trained_chat_model(), tiny_tokenizer())
     params = SamplingParams(temperature=1.0, top_k=20, max_tokens=12, seed=3)
     runs = [[c for c, _ in int8.generate(prompt_for("hi"), params, num_samples=4)] for _ in range(2)]
     assert runs[0] == runs[1] and all(len(c) == 4 for c in runs[0])  # seeded batch of 4: reproducible

@@ -20,7 +20,7 @@ from nanoctl.engine import Engine
 from nanoctl.errors import NanoctlError
 from nanoctl.model.gpt import GPT, GPTConfig, build_model
 from nanoctl.model.quantize import Int8GPT, Int8MLA, Int8MLP, Int8MoE, weight_bytes
-from test_quantize import PROMPTS, greedy_reply, int8_copy, scheduler_replies
+from test_quantize import PROMPTS, greedy_reply, int8_copy, int8_engine_matching_fp32, scheduler_replies
 from tiny_chat import (
     CONVERSATIONS,
     VOCAB,
@@ -133,11 +133,7 @@ def test_weights_shrink_3_4x_and_the_experts_are_most_of_it() -> None:
 
 
 def test_engine_replies_match_fp32() -> None:
-    model, tok = chat_model(), tiny_tokenizer()
-    fp32, int8 = Engine(model, tok), Engine(int8_copy(model), tok)
-    for text in PROMPTS:  # the calculator call included
-        want = greedy_reply(fp32, prompt_for(text))
-        assert want and greedy_reply(int8, prompt_for(text)) == want, text
+    int8_engine_matching_fp32(chat_model(), tiny_tokenizer())
 
 
 def test_continuous_batching_scheduler_serves_the_int8_model() -> None:
