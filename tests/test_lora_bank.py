@@ -111,7 +111,9 @@ def test_many_adapters_take_the_per_row_gather_path_to_the_same_logits(
         for row, k in enumerate(adapters):
             ref = (setup["base"] if k < 0 else setup["merged"][k])(ids[row : row + 1])[0]
             torch.testing.assert_close(got[row], ref, rtol=0, atol=1e-5)
-        assert torch.equal(got[1], banked(ids)[1])  # a base row beside adapted ones: exact
+        # A base row beside adapted ones is untouched: equal up to summation order (MoE groups rows by
+        # expert, and MKL may sum a group of another size in another order); an adapter leak is >1e-3.
+        torch.testing.assert_close(got[1], banked(ids)[1], rtol=0, atol=1e-6)
 
 
 def test_outside_select_and_index_minus_one_are_the_base(setup: dict[str, Any]) -> None:

@@ -92,12 +92,25 @@ def _engine_text(engine: Engine, prompt: list[int], params: SamplingParams, n: i
     return rows
 
 
-def test_ragged_decode_equals_full_recompute(model: GPT) -> None:
+@pytest.mark.parametrize(
+    "slots",
+    [
+        [0, 1, 2, 3],  # contiguous: a view of the cache
+        [4, 0, 2, 7],  # holes (slots 1, 3, 5, 6 not decoding) in an 8-slot span: they ride along masked
+        [11, 0, 9, 1],  # a 12-slot span for 4 rows: the rows are gathered
+    ],
+)
+def test_ragged_decode_equals_full_recompute(model: GPT, slots: list[int]) -> None:
     prompts = _prompts(4, 5, 320)
     nexts = _prompts(4, 6, 7, seed=2)
     with torch.inference_mode(), one_thread():
-        cache = model.new_slot_cache(6)
-        slots = [4, 0, 2, 5]  # not contiguous: the gather path
+        cache = model.new_slot_cache(12)
+        for s in range(12):  # stale rows in the holes must not leak into anyone's attention
+            model(torch.tensor([_prompts(1, 30, 31, seed=s + 10)[0]]), kv_cache=cache.row(s))
+            cache.free(s)
+        view = cache.decode_view(sorted(slots))
+        holes = view.span is not None and view._local is not None
+        assert (view.span is None, holes) == {0: (False, False), 4: (False, True), 11: (True, False)}[slots[0]]
         for s, p in zip(slots, prompts, strict=True):
             for i in range(0, len(p), 64):  # chunked prefill through the row view
                 model(torch.tensor([p[i : i + 64]]), kv_cache=cache.row(s))

@@ -3,7 +3,7 @@
 - `softcap_cross_entropy`: lm_head matmul + logit softcap + cross-entropy in row chunks, gradients made in
   forward; its tanh/exp/sum/gradient tail is one native pass (`native_softcap_kernel`) when available.
 - `linear_relu_square`: the MLP's relu(x @ W^T)^2 with the minimum of elementwise passes.
-- `DecodeHead`: lm_head for CPU decode steps in MKL's fast layouts (a cached transposed head for one row).
+- `DecodeHead`: lm_head for CPU decode steps in whichever of two layouts MKL runs faster on this CPU.
 
 CUDA keeps the plain ops, which torch.compile fuses; the model (model/gpt.py) decides when these apply.
 """
@@ -176,33 +176,66 @@ def linear_relu_square(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeHead:
-    """lm_head for CPU decode steps (one position per row, no grad) in MKL's fast layouts.
+    """lm_head for CPU decode steps (one position per row, no grad) in the layout MKL runs fastest here.
 
     A (rows x dim) @ (dim x vocab) product with few rows is a memory-bound matrix-vector product over
-    the whole head; MKL streams a row-major (vocab, dim) weight about 3x slower for one row than a
-    contiguous (dim, vocab) copy (measured in bench/engine_bench.py). For 2-32 rows the copy is also
-    never slower than W @ x^T (1.0-1.25x faster per ragged decode step at d4/d6 in serve), and its
-    (rows, vocab) result is contiguous, which the sampler's argmax/top-k read several times faster than
-    W @ x^T's transposed view. Same values up to summation order. Holds the transposed copy: not a
-    parameter, not saved. It is rebuilt when the weight's version or storage changes (a load, any
-    in-place op on the parameter) and when `invalidate` is called: the optimizer writes through
-    `p.data`, which leaves `_version` alone, so GPT.after_optimizer_step drops the copy after every step
-    (a stale head once made RL rollouts depend on where a run had resumed).
+    the whole head, and which operand layout MKL streams fastest depends on the CPU and the row count:
+    one row runs about 3x faster against a contiguous (dim, vocab) copy than against the row-major
+    (vocab, dim) weight on every box measured, but for 2-32 rows W @ x^T was 1.3-3x faster than
+    x @ W^T on one 2-core Xeon and up to 1.25x slower on another box. So each power-of-two row bucket
+    times both layouts once, on its first call, and keeps the faster (`layouts`). Either way the
+    result is a contiguous (rows, vocab) tensor (the sampler's argmax/top-k read a transposed view
+    several times slower). Same values up to summation order.
+
+    Holds the transposed copy: not a parameter, not saved. It is rebuilt when the weight's version or
+    storage changes (a load, any in-place op on the parameter) and when `invalidate` is called: the
+    optimizer writes through `p.data`, which leaves `_version` alone, so GPT.after_optimizer_step drops
+    the copy after every step (a stale head once made RL rollouts depend on where a run had resumed).
+    The layout choices are kept: they depend on shapes, not values.
     """
+
+    LAYOUTS = ("transposed", "weight")  # x @ (cached W^T) | (W @ x^T)^T made contiguous
 
     def __init__(self) -> None:
         self._weight_t: torch.Tensor | None = None
         self._key: tuple[Any, ...] | None = None
+        self.layouts: dict[int, str] = {}  # row bucket (a power of two) -> the faster layout
 
     def invalidate(self) -> None:
         self._weight_t, self._key = None, None
 
+    def product(self, flat: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
+        """flat (rows, dim) @ weight^T in one layout: a contiguous (rows, padded vocab) tensor."""
+        if layout == "weight":
+            return (weight.detach().to(flat.dtype) @ flat.t()).t().contiguous()
+        key = (weight._version, weight.data_ptr(), flat.dtype)
+        if self._key != key:
+            self._weight_t = weight.detach().to(flat.dtype).t().contiguous()
+            self._key = key
+        assert self._weight_t is not None
+        return flat @ self._weight_t
+
+    def _tune(self, flat: torch.Tensor, weight: torch.Tensor) -> str:
+        import time
+
+        best, best_time = self.LAYOUTS[0], float("inf")
+        for layout in self.LAYOUTS:
+            self.product(flat, weight, layout)  # warm: builds the copy, faults the output in
+            elapsed = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                self.product(flat, weight, layout)
+                elapsed = min(elapsed, time.perf_counter() - start)
+            if elapsed < best_time:
+                best, best_time = layout, elapsed
+        return best
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (rows, 1, dim) -> logits (rows, 1, padded vocab)."""
         rows = x.size(0)
-        key = (weight._version, weight.data_ptr(), x.dtype)
-        if self._key != key:
-            self._weight_t = weight.detach().to(x.dtype).t().contiguous()
-            self._key = key
-        assert self._weight_t is not None
-        return (x.reshape(rows, x.size(-1)) @ self._weight_t).view(rows, 1, -1)
+        flat = x.reshape(rows, x.size(-1))
+        bucket = 1 << (rows - 1).bit_length()
+        layout = self.layouts.get(bucket)
+        if layout is None:
+            layout = self.layouts[bucket] = self._tune(flat, weight)
+        return self.product(flat, weight, layout).view(rows, 1, -1)

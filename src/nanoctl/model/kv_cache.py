@@ -157,7 +157,15 @@ class _RowView:
 
 
 class RaggedView:
-    """Several rows of a SlotKVCache decoding one token each, every row at its own position."""
+    """Several rows of a SlotKVCache decoding one token each, every row at its own position.
+
+    Attention reads the rows' K/V as one contiguous slice of slots (`span`): gathering scattered rows
+    copied every layer's K/V once per step, which cost more than the attention itself. Slots in the
+    span that are not decoding (their request is still prefilling, or they are free) ride along as
+    "holes": their query is zero, they see only their own position 0 (no empty softmax), nothing is
+    written to them and their output is dropped. When holes would outnumber the rows, the rows are
+    gathered instead.
+    """
 
     ragged = True
 
@@ -171,30 +179,52 @@ class RaggedView:
         lengths = [cache.lengths[s] for s in slots]
         self.max_len = max(lengths) + 1  # keys to attend over after this step's write
         self.positions = torch.tensor(lengths, dtype=torch.long, device=device)
-        # Contiguous rows are a view (no gather); any other set is gathered once per layer.
-        self.span = (slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[-1] + 1)) else None
+        lo, hi = min(slots), max(slots) + 1
+        self.span = (lo, hi) if hi - lo <= 2 * len(slots) else None
+        self._local: torch.Tensor | None = None  # rows' places in the span, when it has holes
+        self._span_positions = self.positions
+        if self.span is not None and hi - lo != len(slots):
+            self._local = self.index - lo
+            span_positions = [0] * (hi - lo)
+            for s, n in zip(slots, lengths, strict=True):
+                span_positions[s - lo] = n
+            self._span_positions = torch.tensor(span_positions, dtype=torch.long, device=device)
         self._masks: dict[int, torch.Tensor] = {}  # per window size; the same for every layer
 
     def get_layer_cache(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.k_cache[layer_idx], self.cache.v_cache[layer_idx]
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """This view's rows of a (slots, T, ...) layer tensor, up to the longest row."""
+        """The span's slots of a (slots, T, ...) layer tensor (or the gathered rows), up to the longest row."""
         if self.span is not None:
             return t[self.span[0] : self.span[1], : self.max_len]
         return t[:, : self.max_len].index_select(0, self.index)  # slice first: gather only what is read
 
     def mask(self, window: int) -> torch.Tensor:
-        """(B, 1, 1, max_len) bool: each row sees its own past, at most `window` back (< 0: all)."""
+        """(span or B, 1, 1, max_len) bool: each row sees its own past, at most `window` back (< 0: all)."""
         m = self._masks.get(window)
         if m is None:
             cols = torch.arange(self.max_len, device=self.positions.device).unsqueeze(0)
-            pos = self.positions.unsqueeze(1)
+            pos = self._span_positions.unsqueeze(1)
             m = cols <= pos
             if window >= 0:
                 m = m & (pos - cols <= window)
             m = self._masks[window] = m[:, None, None, :]
         return m
+
+    def attend(
+        self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, window: int, scale: float
+    ) -> torch.Tensor:
+        """q (B, 1, H, D) of this view's rows against one layer's cache (already holding this step's
+        K/V): (B, 1, H, Dv)."""
+        from nanoctl.model.attention import ragged_sdpa
+
+        keys = self.rows(k_layer).transpose(1, 2)
+        values = self.rows(v_layer).transpose(1, 2)
+        if self._local is not None:
+            q = q.new_zeros((keys.size(0), *q.shape[1:])).index_copy_(0, self._local, q)
+        y = ragged_sdpa(q.transpose(1, 2), keys, values, self.mask(window), scale).transpose(1, 2)
+        return y if self._local is None else y.index_select(0, self._local)
 
     def advance(self, num_tokens: int) -> None:
         for s in self.slots:

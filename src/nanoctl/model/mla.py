@@ -109,10 +109,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_cache, _ = cache.get_layer_cache(self.layer_idx)
         if getattr(cache, "ragged", False):
             k_cache[cache.index, cache.positions] = entry[:, 0].unsqueeze(1)
-            keys = cache.rows(k_cache).transpose(1, 2)  # (B, 1, Tk, rank+rope)
-            y = attention.ragged_sdpa(
-                q.transpose(1, 2), keys, keys[..., : self.rank], cache.mask(window), self.softmax_scale
-            )
+            # the cached state is one K "head" (rank+rope); the values are its latent part
+            y = cache.attend(q, k_cache, k_cache[..., : self.rank], window, self.softmax_scale).transpose(1, 2)
         else:
             T = q.size(1)
             pos = cache.get_pos()
