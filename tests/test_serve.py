@@ -141,6 +141,25 @@ def sse_events(body: str) -> list[Any]:
 # Pure protocol pieces
 
 
+def test_cpu_engines_split_the_rows_and_the_threads() -> None:
+    """--workers 0 on a CPU: two single-threaded engines when torch has 2+ threads, one otherwise (or
+    for a single row); the rows split into shares that differ by one at most and sum to --max-batch."""
+    from nanoctl.serve.server import ServeOptions, _engines_per_device, _rows
+
+    assert [_rows(33, 2, i) for i in range(2)] == [17, 16] and [_rows(32, 3, i) for i in range(3)] == [11, 11, 10]
+    before = torch.get_num_threads()
+    try:
+        for threads, max_batch, workers, want, threads_after in [
+            (2, 32, 0, 2, 1), (4, 32, 0, 2, 2), (1, 32, 0, 1, 1), (2, 1, 0, 1, 2), (4, 32, 1, 1, 4), (4, 8, 4, 4, 1),
+        ]:  # fmt: skip
+            torch.set_num_threads(threads)
+            assert _engines_per_device(ServeOptions(max_batch=max_batch, workers=workers), "cpu") == want
+            assert torch.get_num_threads() == threads_after
+        assert _engines_per_device(ServeOptions(workers=0), "cuda:0") == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_stop_matcher_any_split_never_leaks_the_stop_string() -> None:
     text = "hello there, general kenobi"
     for stops, expected in [
@@ -588,6 +607,8 @@ def test_cli_errors_are_one_line(serve_home: Path, tmp_path: Path) -> None:
         (["serve", "--gpus", "2", "--device", "cpu"], 2, "--gpus 2"),
         (["serve", "--port", "70000"], 2, "--port 70000"),
         (["serve", "--max-batch", "0"], 2, "--max-batch 0"),
+        (["serve", "--workers", "3", "--max-batch", "2"], 2, "--workers 3"),
+        (["serve", "--workers", "-1"], 2, "--workers -1"),
         (["serve", "--stage", "dpo"], 2, "--stage"),
         (["--home", str(tmp_path), "serve"], 1, "checkpoint"),
     ]
@@ -876,10 +897,16 @@ def test_live_32_concurrent_streams_complete_and_equal_their_seeded_solo_runs(
     serve_home: Path, tmp_path: Path
 ) -> None:
     """32 httpx async streaming clients at once: 0 errors, and each text is what the same seeded
-    request gives when it runs alone (continuous batching never mixes rows)."""
-    s = LiveServer(serve_home, tmp_path / "many.log", "--stage", "base", "--max-batch", "32", "--max-tokens-limit", "8192")
+    request gives when it runs alone (continuous batching never mixes rows), with the rows split over
+    two engines (--workers 2: two model copies, least-loaded routing)."""
+    s = LiveServer(
+        serve_home, tmp_path / "many.log", "--stage", "base", "--max-batch", "32", "--workers", "2",
+        "--max-tokens-limit", "8192",
+    )  # fmt: skip
     try:
         url = s.wait_ready()
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert (health["workers"], health["max_rows"]) == (2, 32)
         prompts = [f"the {i} quick brown fox " * (1 + i % 7) for i in range(32)]
 
         async def one(http: httpx.AsyncClient, i: int) -> str:

@@ -163,9 +163,18 @@ def last_position_logits(model: torch.nn.Module) -> Iterator[None]:
     """During a prefill only the last position's logits are used: feed lm_head just that position.
 
     GPT.forward has no `logits_to_keep` argument, and a 2048-token prompt would otherwise compute
-    (and softcap) a 2048 x vocab fp32 tensor only to keep its last row. A pre-hook on lm_head slices
-    its input instead; it is removed as soon as the prefill returns.
+    (and softcap) a 2048 x vocab fp32 tensor only to keep its last row. A GPT slices its final hidden
+    state itself while `last_position_only` is set (so a CPU prefill's head takes the decode head's
+    fast layout); any other module gets a pre-hook on lm_head that slices its input, removed as soon
+    as the prefill returns.
     """
+    if hasattr(model, "last_position_only"):  # GPT: it slices before its (CPU decode-step) head
+        model.last_position_only = True
+        try:
+            yield
+        finally:
+            model.last_position_only = False
+        return
     head = getattr(model, "lm_head", None)
     if head is None:
         yield

@@ -389,6 +389,9 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, padded_vocab, bias=False)
         # CPU decode steps' lm_head (see _head): keeps a transposed copy, not a parameter, not saved
         self._decode_head = DecodeHead()
+        # Set while a prefill needs only its last position's logits (engine.last_position_logits): the
+        # head then runs on that one position, through the decode head on a CPU.
+        self.last_position_only = False
         kv_dim = config.n_kv_head * config.head_dim
         if current:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
@@ -792,6 +795,8 @@ class GPT(nn.Module):
                 SOFTCAP,
                 loss_reduction,
             )
+        if targets is None and self.last_position_only:
+            x = x[:, -1:]
         logits = self._head(x)[..., : self.config.vocab_size].float()
         if targets is None and not softcap:
             return logits

@@ -2,7 +2,8 @@
 
 `serve(opts, home=...)` binds the port first (a port in use is a one-line error before anything slow),
 answers `/health` with 503 while the checkpoint loads in a background thread, then admits requests.
-One `Scheduler` per device: `--gpus N` loads a replica on each of cuda:0..N-1 behind a least-loaded
+One `Scheduler` (engine) per device, or `--workers` of them on a CPU (each its own model copy and
+thread): `--gpus N` loads a replica on each of cuda:0..N-1; several engines sit behind a least-loaded
 `Router`.
 
 Shutdown (SIGTERM, or Ctrl+C): the server stops admitting (new requests get an OpenAI-shaped 503 and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import itertools
 import json
 import os
 import socket
@@ -95,6 +97,11 @@ class ServeOptions:
     gpus: int = option(
         1, help="Serve a replica on each of cuda:0..N-1 (least-loaded routing).", panel=DISTRIBUTED
     )
+    workers: int = option(
+        0, help="Engines per device, each decoding its share of --max-batch on its own thread (0 = auto: 2 on a "
+        "CPU with 2+ threads, each engine then single-threaded; 1 on a GPU). Each holds a copy of the model.",
+        panel=DISTRIBUTED,
+    )
     shutdown_timeout: float = option(
         30.0, help="On SIGTERM, how long in-flight requests may take to finish.", unit="s"
     )
@@ -127,6 +134,13 @@ class ServeOptions:
         for flag, value in at_least_one.items():
             if value < 1:
                 raise UsageError(f"{flag} {value} must be >= 1")
+        if self.workers < 0:
+            raise UsageError(f"--workers {self.workers} must be >= 0", "0 picks the number per device")
+        if self.workers > self.max_batch:
+            raise UsageError(
+                f"--workers {self.workers} is more than --max-batch {self.max_batch} rows",
+                "each engine decodes at least one row: lower --workers or raise --max-batch",
+            )
         if self.max_top_k < 0:
             raise UsageError(f"--max-top-k {self.max_top_k} must be >= 0")
         if not self.max_temperature >= 0:
@@ -265,23 +279,32 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
         merged = None if adapters or not opts.lora else opts.lora[0]
         loaded = None
         for device in devices:
-            loaded = load_chat_model(
-                ChatOptions(checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
-                            lora=merged, quantize=opts.quantize),
-                home=home,
-            )
-            bank = None
-            if entries:
-                from nanoctl.model.lora_bank import mount_bank
+            workers = 1
+            for i in itertools.count():
+                # Every engine loads its own copy: a LoRA bank's row selection and the prefill's
+                # last-position hook are per-model state, which two engine threads must not share.
+                loaded = load_chat_model(
+                    ChatOptions(checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
+                                lora=merged, quantize=opts.quantize),
+                    home=home,
+                )  # fmt: skip
+                if i == 0:
+                    workers = _engines_per_device(opts, loaded.device)
+                bank = None
+                if entries:
+                    from nanoctl.model.lora_bank import mount_bank
 
-                bank = mount_bank(loaded.model, entries)  # after int8, if any: the adapters stay fp32
-            sched = Scheduler(
-                loaded.model, loaded.tokenizer, max_batch=opts.max_batch, max_queue=opts.max_queue,
-                prefill_chunk=opts.prefill_chunk, name=loaded.device,
-                on_step=lambda rows: metrics.decode_steps.inc(), bank=bank,
-            )  # fmt: skip
-            sched.start()
-            schedulers.append(sched)
+                    bank = mount_bank(loaded.model, entries)  # after int8, if any: the adapters stay fp32
+                sched = Scheduler(
+                    loaded.model, loaded.tokenizer, max_batch=_rows(opts.max_batch, workers, i),
+                    max_queue=opts.max_queue, prefill_chunk=opts.prefill_chunk,
+                    name=loaded.device if workers == 1 else f"{loaded.device}/{i}",
+                    on_step=lambda rows: metrics.decode_steps.inc(), bank=bank,
+                )  # fmt: skip
+                sched.start()
+                schedulers.append(sched)
+                if i + 1 >= workers:
+                    break
         assert loaded is not None
         backend = schedulers[0] if len(schedulers) == 1 else Router(schedulers)
         # The id clients see: stage/tag@step (+lora:...), the same label `nanoctl chat` shows.
@@ -289,7 +312,7 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
         state.set_ready(
             ServedModel(
                 label, loaded.tokenizer, backend, loaded.completion_mode, loaded.context_len,
-                rows_per_engine=opts.max_batch, engines=len(schedulers),
+                rows_per_engine=min(s.max_batch for s in schedulers), engines=len(schedulers),
                 adapters={model_id: k for k, model_id in enumerate(adapters)},
             )
         )  # fmt: skip
@@ -303,6 +326,31 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
     except Exception as e:  # one line for the user; the CLI shows a traceback with NANOCTL_DEBUG=1
         state.set_failed(f"{type(e).__name__}: {e}")
         server.should_exit = True
+
+
+def _engines_per_device(opts: ServeOptions, device: str) -> int:
+    """How many engines share `device`; on a CPU, also splits torch's threads between them.
+
+    A CPU decode step at serving sizes is mostly small matrix products and per-op overhead, which a
+    second intra-op thread barely speeds up (1 and 2 threads ran one engine at the same speed on a
+    2-core box), while two single-threaded engines, each with half the rows, made 1.2-1.5x the tokens/s
+    there (bench/serve_bench.py). A GPU runs one engine per device. The thread count is torch's
+    process-wide setting, which the server owns (set before the engine threads start).
+    """
+    if not device.startswith("cpu"):
+        return max(1, opts.workers)
+    import torch
+
+    threads = torch.get_num_threads()
+    workers = opts.workers or (2 if threads >= 2 and opts.max_batch >= 2 else 1)
+    if workers > 1:
+        torch.set_num_threads(max(1, threads // workers))
+    return workers
+
+
+def _rows(max_batch: int, engines: int, i: int) -> int:
+    """Engine i's share of `max_batch` rows (the shares differ by one at most and sum to it)."""
+    return max_batch // engines + (1 if i < max_batch % engines else 0)
 
 
 def _devices(opts: ServeOptions) -> list[str]:
