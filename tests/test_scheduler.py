@@ -16,6 +16,7 @@ import torch
 
 from eval_helpers import one_thread, tiny_tokenizer
 from nanoctl.engine import Engine, SamplingParams
+from nanoctl.model import kv_cache
 from nanoctl.model.gpt import GPT, GPTConfig, build_model
 from nanoctl.serve.scheduler import (
     ErrorEvent,
@@ -100,7 +101,18 @@ def _engine_text(engine: Engine, prompt: list[int], params: SamplingParams, n: i
         [11, 0, 9, 1],  # a 12-slot span for 4 rows: the rows are gathered
     ],
 )
-def test_ragged_decode_equals_full_recompute(model: GPT, slots: list[int]) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa-span"])
+def test_ragged_decode_equals_full_recompute(
+    model: GPT, slots: list[int], native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ragged attention paths (the native CPU per-row kernel, SDPA over the padded span as on
+    CUDA) equal a full recompute, with sliding windows, GQA, holes and gathered rows."""
+    from nanoctl.model import kernels
+
+    monkeypatch.setattr(kv_cache, "NATIVE_ATTENTION", native)
+    calls = []
+    real = kernels.ragged_decode_attention
+    monkeypatch.setattr(kernels, "ragged_decode_attention", lambda *a: calls.append(1) or real(*a))
     prompts = _prompts(4, 5, 320)
     nexts = _prompts(4, 6, 7, seed=2)
     with torch.inference_mode(), one_thread():
@@ -123,6 +135,7 @@ def test_ragged_decode_equals_full_recompute(model: GPT, slots: list[int]) -> No
         for r, (p, q) in enumerate(zip(prompts, nexts, strict=True)):
             want = model(torch.tensor([p + q[:6]]))[0, -6:]
             assert torch.allclose(torch.stack(got[r]), want, atol=1e-4), (len(p), (torch.stack(got[r]) - want).abs().max())
+        assert (len(calls) > 0) == native  # the path under test really ran
 
 
 def test_32_concurrent_seeded_requests_equal_their_solo_runs_and_the_engine(model: GPT) -> None:

@@ -7,6 +7,7 @@
 //!
 //! Being the package's only native extension, it also carries one CPU kernel for the model's fused
 //! loss (`softcap`), so that no C++ toolchain is needed at run time.
+pub mod decode_attention;
 pub mod encode;
 pub mod keys;
 pub mod softcap;
@@ -364,6 +365,61 @@ fn softcap_exp_grad(
     Ok(())
 }
 
+/// Continuous-batching decode attention over raw fp32 addresses (`tensor.data_ptr()`):
+/// `nanoctl.model.kernels.ragged_decode_attention` checks the shapes, strides and dtypes and is the
+/// only caller. `k_strides`/`v_strides` are the (slot, position, kv head) element strides of one
+/// layer's cache; its last axis is contiguous. q (B, heads, k_dim) and out (B, heads, v_dim) are
+/// contiguous; `k_len`/`v_len` are the elements reachable from each cache address.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn ragged_decode_attention(
+    py: Python<'_>,
+    q_addr: usize,
+    k_addr: usize,
+    k_len: usize,
+    k_strides: (usize, usize, usize),
+    k_dim: usize,
+    v_addr: usize,
+    v_len: usize,
+    v_strides: (usize, usize, usize),
+    v_dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    slots: Vec<usize>,
+    positions: Vec<usize>,
+    window: i64,
+    scale: f32,
+    out_addr: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if q_addr == 0 || k_addr == 0 || v_addr == 0 || out_addr == 0 {
+        return Err(PyValueError::new_err("ragged_decode_attention: null buffer"));
+    }
+    if slots.len() != positions.len() || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(PyValueError::new_err("ragged_decode_attention: bad rows or heads"));
+    }
+    let kl = decode_attention::Layout { slot: k_strides.0, pos: k_strides.1, head: k_strides.2, dim: k_dim };
+    let vl = decode_attention::Layout { slot: v_strides.0, pos: v_strides.1, head: v_strides.2, dim: v_dim };
+    for (&s, &p) in slots.iter().zip(&positions) {
+        let last = |l: decode_attention::Layout| s * l.slot + p * l.pos + (kv_heads - 1) * l.head + l.dim;
+        if last(kl) > k_len || last(vl) > v_len {
+            return Err(PyValueError::new_err("ragged_decode_attention: a row reaches past its cache"));
+        }
+    }
+    let batch = slots.len();
+    py.allow_threads(|| {
+        // SAFETY: the caller's contract above (live fp32 buffers of these sizes; out not aliased).
+        let q = unsafe { std::slice::from_raw_parts(q_addr as *const f32, batch * heads * k_dim) };
+        let k = unsafe { std::slice::from_raw_parts(k_addr as *const f32, k_len) };
+        let v = unsafe { std::slice::from_raw_parts(v_addr as *const f32, v_len) };
+        let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut f32, batch * heads * v_dim) };
+        decode_attention::ragged_decode_attention(
+            q, k, v, kl, vl, heads, kv_heads, &slots, &positions, window, scale, out, threads,
+        );
+    });
+    Ok(())
+}
+
 #[pymodule]
 fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -373,5 +429,6 @@ fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(split_text, m)?)?;
     m.add_function(wrap_pyfunction!(is_fast_pattern, m)?)?;
     m.add_function(wrap_pyfunction!(softcap_exp_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(ragged_decode_attention, m)?)?;
     Ok(())
 }

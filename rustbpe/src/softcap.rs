@@ -16,7 +16,7 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 
 /// exp(x) for x in [-87, 88] (inputs are clamped), relative error ~2 ulp.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.max(-87.0).min(88.0);
     let n = x.mul_add(LOG2E, 0.5).floor();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));

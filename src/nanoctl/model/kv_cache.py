@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# Ragged decode on a CPU uses the native per-row kernel (kernels.ragged_decode_attention); False: SDPA
+# over the padded span everywhere (the tests compare the two).
+NATIVE_ATTENTION = True
+
 
 class KVCache:
     """Preallocated per-layer K/V for incremental decoding: k_cache/v_cache are (L, B, T, H_kv, D)
@@ -159,7 +163,8 @@ class _RowView:
 class RaggedView:
     """Several rows of a SlotKVCache decoding one token each, every row at its own position.
 
-    Attention reads the rows' K/V as one contiguous slice of slots (`span`): gathering scattered rows
+    On a CPU in fp32 each row attends over exactly its own keys (the native kernel). Otherwise
+    attention reads the rows' K/V as one contiguous slice of slots (`span`): gathering scattered rows
     copied every layer's K/V once per step, which cost more than the attention itself. Slots in the
     span that are not decoding (their request is still prefilling, or they are free) ride along as
     "holes": their query is zero, they see only their own position 0 (no empty softmax), nothing is
@@ -176,7 +181,7 @@ class RaggedView:
         self.seq_len = cache.seq_len
         device = cache.k_cache.device
         self.index = torch.tensor(slots, dtype=torch.long, device=device)
-        lengths = [cache.lengths[s] for s in slots]
+        lengths = self.lengths = [cache.lengths[s] for s in slots]
         self.max_len = max(lengths) + 1  # keys to attend over after this step's write
         self.positions = torch.tensor(lengths, dtype=torch.long, device=device)
         lo, hi = min(slots), max(slots) + 1
@@ -218,7 +223,12 @@ class RaggedView:
         """q (B, 1, H, D) of this view's rows against one layer's cache (already holding this step's
         K/V): (B, 1, H, Dv)."""
         from nanoctl.model.attention import ragged_sdpa
+        from nanoctl.model.kernels import ragged_decode_attention
 
+        if NATIVE_ATTENTION:  # a CPU in fp32: each row over exactly its own keys (None: not here)
+            y = ragged_decode_attention(q, k_layer, v_layer, self.slots, self.lengths, window, scale)
+            if y is not None:
+                return y
         keys = self.rows(k_layer).transpose(1, 2)
         values = self.rows(v_layer).transpose(1, 2)
         if self._local is not None:
