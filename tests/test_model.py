@@ -11,6 +11,7 @@ from nanoctl.errors import UsageError
 from nanoctl.export import from_hf_state_dict, to_hf_config, to_hf_state_dict
 from nanoctl.model.attention import sdpa
 from nanoctl.model.gpt import GPT, GPTConfig, build_model, config_for_depth, window_sizes
+from nanoctl.model.kernels import DecodeHead
 from nanoctl.model.kv_cache import KVCache
 
 ARCHS = ["current", "classic"]
@@ -589,20 +590,33 @@ def test_cpu_mlp_fused_relu_square_matches_autograd() -> None:
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 32])
+@pytest.mark.parametrize("rows", [1, 3, 7, 32])
 def test_cpu_decode_head_equals_lm_head_and_is_contiguous(rows: int) -> None:
-    """The decode-step head (a cached transposed copy) gives lm_head's logits for any row count, as a
-    contiguous (rows, 1, vocab) tensor, and follows an in-place weight update (no stale copy)."""
-    cfg = GPTConfig(sequence_len=32, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, arch="classic")
+    """The decode-step head gives lm_head's logits for any row count in every layout it may pick
+    (the native packed kernel among them, also on a vocab that is not a multiple of its 16-row panels), as
+    a contiguous (rows, 1, vocab) tensor, and follows an in-place weight update (no stale copy)."""
+    cfg = GPTConfig(sequence_len=32, vocab_size=500, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, arch="classic")
     model = build_model(cfg, "cpu", torch.float32)
     x = torch.randn(rows, 1, 64)
+    head = model._decode_head
+    vocab = model.lm_head.weight.size(0)
+    assert "packed" in head.available(torch.float32)  # the native kernel is built with the package
     with torch.no_grad():
         model.lm_head.weight.normal_()  # not the init's small values: a wrong product must show
+        for layout in head.available(torch.float32):
+            got = head.product(x.view(rows, 64), model.lm_head.weight, layout)
+            assert got.shape == (rows, vocab) and got.is_contiguous(), layout
+            torch.testing.assert_close(got, model.lm_head(x)[:, 0], atol=1e-4, rtol=1e-5, msg=layout)
+        odd = model.lm_head.weight[:500]  # 31.25 panels: the last one partly zero padding
+        torch.testing.assert_close(
+            DecodeHead().product(x.view(rows, 64), odd, "packed"), x.view(rows, 64) @ odd.t(), atol=1e-4, rtol=1e-5
+        )
         out = model._head(x)
-        assert out.shape == (rows, 1, 512) and out.is_contiguous()
-        torch.testing.assert_close(out, model.lm_head(x), atol=1e-5, rtol=1e-5)
+        assert out.shape == (rows, 1, vocab) and out.is_contiguous()
+        assert head.layouts[1 << (rows - 1).bit_length()] in head.LAYOUTS
+        torch.testing.assert_close(out, model.lm_head(x), atol=1e-4, rtol=1e-5)
         model.lm_head.weight.mul_(2.0)
-        torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-4, rtol=1e-5)
 
 
 def test_decode_head_follows_optimizer_steps() -> None:

@@ -8,6 +8,7 @@
 //! Being the package's only native extension, it also carries one CPU kernel for the model's fused
 //! loss (`softcap`), so that no C++ toolchain is needed at run time.
 pub mod decode_attention;
+pub mod decode_head;
 pub mod encode;
 pub mod keys;
 pub mod softcap;
@@ -420,6 +421,38 @@ fn ragged_decode_attention(
     Ok(())
 }
 
+/// The decode head over raw fp32 addresses: out (rows x out_cols) = x (rows x dim) @ W^T with W packed
+/// in panels of 16 vocab rows, each (dim x 16) contiguous (`packed_len` elements, zero past the vocab).
+/// `nanoctl.model.kernels.DecodeHead` builds the packing, checks the tensors and is the only caller.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn packed_head(
+    py: Python<'_>,
+    x_addr: usize,
+    rows: usize,
+    dim: usize,
+    packed_addr: usize,
+    packed_len: usize,
+    out_addr: usize,
+    out_cols: usize,
+    threads: usize,
+) -> PyResult<()> {
+    if x_addr == 0 || packed_addr == 0 || out_addr == 0 || dim == 0 {
+        return Err(PyValueError::new_err("packed_head: null buffer or zero dim"));
+    }
+    if packed_len < out_cols.div_ceil(decode_head::PANEL) * dim * decode_head::PANEL {
+        return Err(PyValueError::new_err("packed_head: the packed weight does not cover the output"));
+    }
+    py.allow_threads(|| {
+        // SAFETY: the caller's contract above (live, contiguous fp32 buffers of these sizes).
+        let x = unsafe { std::slice::from_raw_parts(x_addr as *const f32, rows * dim) };
+        let packed = unsafe { std::slice::from_raw_parts(packed_addr as *const f32, packed_len) };
+        let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut f32, rows * out_cols) };
+        decode_head::packed_head(x, rows, dim, packed, out, out_cols, threads);
+    });
+    Ok(())
+}
+
 #[pymodule]
 fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -430,5 +463,6 @@ fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_fast_pattern, m)?)?;
     m.add_function(wrap_pyfunction!(softcap_exp_grad, m)?)?;
     m.add_function(wrap_pyfunction!(ragged_decode_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(packed_head, m)?)?;
     Ok(())
 }

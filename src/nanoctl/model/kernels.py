@@ -227,51 +227,89 @@ def ragged_decode_attention(
     return out
 
 
+def _native_packed_head() -> Any:
+    try:
+        from nanoctl._rustbpe import packed_head as kernel
+    except ImportError:  # an extension built before the kernel existed
+        return None
+    return kernel
+
+
+_PACKED_HEAD = _native_packed_head()
+PANEL = 16  # vocab rows per packed panel (nanoctl._rustbpe.packed_head)
+
+
 class DecodeHead:
-    """lm_head for CPU decode steps (one position per row, no grad) in the layout MKL runs fastest here.
+    """lm_head for CPU decode steps (one position per row, no grad) in the layout that runs fastest here.
 
-    A (rows x dim) @ (dim x vocab) product with few rows is a memory-bound matrix-vector product over
-    the whole head, and which operand layout MKL streams fastest depends on the CPU and the row count:
-    one row runs about 3x faster against a contiguous (dim, vocab) copy than against the row-major
-    (vocab, dim) weight on every box measured, but for 2-32 rows W @ x^T was 1.3-3x faster than
-    x @ W^T on one 2-core Xeon and up to 1.25x slower on another box. So each power-of-two row bucket
-    times both layouts once, on its first call, and keeps the faster (`layouts`). Either way the
-    result is a contiguous (rows, vocab) tensor (the sampler's argmax/top-k read a transposed view
-    several times slower). Same values up to summation order.
+    A (rows x dim) @ (dim x vocab) product with few rows streams the whole head for little arithmetic,
+    and which form runs it fastest depends on the CPU and the row count: one row runs about 3x faster
+    against a contiguous (dim, vocab) copy than against the row-major (vocab, dim) weight on every box
+    measured, but for 2-32 rows W @ x^T was 1.3-3x faster than x @ W^T on one 2-core box and up to
+    1.25x slower on another; the native kernel (`packed`: the weight in (dim x 16) panels, rows kept in
+    registers) beat both at 2-8 rows on a 2-core EPYC, where MKL took 3-4x the time of one pass over
+    the weight. So each power-of-two row bucket times the forms once, on its first call, and keeps the
+    fastest (`layouts`). Every form returns a contiguous (rows, vocab) tensor (the sampler's argmax and
+    top-k read a transposed view several times slower). Same values up to summation order.
 
-    Holds the transposed copy: not a parameter, not saved. It is rebuilt when the weight's version or
+    Holds the copies it uses: not parameters, not saved. They are rebuilt when the weight's version or
     storage changes (a load, any in-place op on the parameter) and when `invalidate` is called: the
     optimizer writes through `p.data`, which leaves `_version` alone, so GPT.after_optimizer_step drops
-    the copy after every step (a stale head once made RL rollouts depend on where a run had resumed).
-    The layout choices are kept: they depend on shapes, not values.
+    them after every step (a stale head once made RL rollouts depend on where a run had resumed). The
+    layout choices are kept: they depend on shapes, not values.
     """
 
-    LAYOUTS = ("transposed", "weight")  # x @ (cached W^T) | (W @ x^T)^T made contiguous
+    LAYOUTS = ("transposed", "weight", "packed")  # x @ (cached W^T) | (W @ x^T)^T | native panels
 
     def __init__(self) -> None:
-        self._weight_t: torch.Tensor | None = None
+        self._copies: dict[str, torch.Tensor] = {}
         self._key: tuple[Any, ...] | None = None
-        self.layouts: dict[int, str] = {}  # row bucket (a power of two) -> the faster layout
+        self.layouts: dict[int, str] = {}  # row bucket (a power of two) -> the fastest layout
 
     def invalidate(self) -> None:
-        self._weight_t, self._key = None, None
+        self._copies, self._key = {}, None
+
+    def available(self, dtype: torch.dtype) -> tuple[str, ...]:
+        """The layouts that can run in `dtype` (the native kernel is fp32 only)."""
+        native = _PACKED_HEAD is not None and dtype == torch.float32
+        return self.LAYOUTS if native else self.LAYOUTS[:2]
+
+    def _copy(self, weight: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
+        key = (weight._version, weight.data_ptr(), dtype)
+        if self._key != key:
+            self._copies, self._key = {}, key
+        copy = self._copies.get(layout)
+        if copy is None:
+            w = weight.detach().to(dtype)
+            if layout == "transposed":
+                copy = w.t().contiguous()
+            else:  # packed[p, d, j] = W[16 p + j, d], zero rows past the vocab
+                rows = -(-w.size(0) // PANEL) * PANEL
+                w = torch.cat([w, w.new_zeros(rows - w.size(0), w.size(1))]) if rows != w.size(0) else w
+                copy = w.view(rows // PANEL, PANEL, w.size(1)).transpose(1, 2).contiguous()
+            self._copies[layout] = copy
+        return copy
 
     def product(self, flat: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
         """flat (rows, dim) @ weight^T in one layout: a contiguous (rows, padded vocab) tensor."""
         if layout == "weight":
             return (weight.detach().to(flat.dtype) @ flat.t()).t().contiguous()
-        key = (weight._version, weight.data_ptr(), flat.dtype)
-        if self._key != key:
-            self._weight_t = weight.detach().to(flat.dtype).t().contiguous()
-            self._key = key
-        assert self._weight_t is not None
-        return flat @ self._weight_t
+        copy = self._copy(weight, flat.dtype, layout)
+        if layout == "transposed":
+            return flat @ copy
+        flat = flat.contiguous()
+        out = flat.new_empty((flat.size(0), weight.size(0)))
+        _PACKED_HEAD(
+            flat.data_ptr(), flat.size(0), flat.size(1), copy.data_ptr(), copy.numel(), out.data_ptr(),
+            weight.size(0), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def _tune(self, flat: torch.Tensor, weight: torch.Tensor) -> str:
         import time
 
         best, best_time = self.LAYOUTS[0], float("inf")
-        for layout in self.LAYOUTS:
+        for layout in self.available(flat.dtype):
             self.product(flat, weight, layout)  # warm: builds the copy, faults the output in
             elapsed = float("inf")
             for _ in range(3):
@@ -280,6 +318,8 @@ class DecodeHead:
                 elapsed = min(elapsed, time.perf_counter() - start)
             if elapsed < best_time:
                 best, best_time = layout, elapsed
+        for unused in set(self._copies) - set(self.layouts.values()) - {best}:
+            del self._copies[unused]  # tried and not chosen by any bucket yet: give the memory back
         return best
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
