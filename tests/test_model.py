@@ -11,7 +11,7 @@ from nanoctl.errors import UsageError
 from nanoctl.export import from_hf_state_dict, to_hf_config, to_hf_state_dict
 from nanoctl.model.attention import sdpa
 from nanoctl.model.gpt import GPT, GPTConfig, build_model, config_for_depth, window_sizes
-from nanoctl.model.kernels import DecodeHead
+from nanoctl.model.kernels import FewRowsMatmul
 from nanoctl.model.kv_cache import KVCache
 
 ARCHS = ["current", "classic"]
@@ -609,11 +609,16 @@ def test_cpu_decode_head_equals_lm_head_and_is_contiguous(rows: int) -> None:
             torch.testing.assert_close(got, model.lm_head(x)[:, 0], atol=1e-4, rtol=1e-5, msg=layout)
         odd = model.lm_head.weight[:500]  # 31.25 panels: the last one partly zero padding
         torch.testing.assert_close(
-            DecodeHead().product(x.view(rows, 64), odd, "packed"), x.view(rows, 64) @ odd.t(), atol=1e-4, rtol=1e-5
+            FewRowsMatmul().product(x.view(rows, 64), odd, "packed"), x.view(rows, 64) @ odd.t(), atol=1e-4, rtol=1e-5
         )
         out = model._head(x)
         assert out.shape == (rows, 1, vocab) and out.is_contiguous()
-        assert head.layouts[1 << (rows - 1).bit_length()] in head.LAYOUTS
+        assert not head.layouts  # fp32 with the native kernel: always the packed form, nothing timed
+        head.layouts.clear()
+        x16 = x.to(torch.bfloat16)
+        got16 = head(x16, model.lm_head.weight)  # no native bf16 kernel: MKL's layouts, timed once
+        assert head.layouts[1 << (rows - 1).bit_length()] in head.LAYOUTS[:2]
+        torch.testing.assert_close(got16.float(), model.lm_head(x16.float()), atol=0.5, rtol=0.05)
         torch.testing.assert_close(out, model.lm_head(x), atol=1e-4, rtol=1e-5)
         model.lm_head.weight.mul_(2.0)
         torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-4, rtol=1e-5)

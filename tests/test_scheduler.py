@@ -138,6 +138,25 @@ def test_ragged_decode_equals_full_recompute(
         assert (len(calls) > 0) == native  # the path under test really ran
 
 
+def test_a_rows_logits_are_bit_identical_alone_or_beside_others(model: GPT) -> None:
+    """CPU fp32 decode is batch-invariant: the native head, linears and attention give every row the
+    same operations whatever else shares the step, so a row's logits are equal bit for bit."""
+    prompts = _prompts(5, 5, 320, seed=4)
+    with torch.inference_mode():
+        cache = model.new_slot_cache(5)
+        for s, p in enumerate(prompts):
+            model(torch.tensor([p]), kv_cache=cache.row(s))
+        ids = torch.tensor([[7], [8], [9], [10], [11]])
+        prev = cache.prev.clone()  # smear's previous embeddings, which a step overwrites
+        together = model(ids, kv_cache=cache.decode_view([0, 1, 2, 3, 4]))[:, 0]
+        for s in range(5):
+            cache.lengths[s] -= 1  # rewind: decode the same step again
+        cache.prev.copy_(prev)
+        for s in (0, 3):
+            alone = model(ids[s : s + 1], kv_cache=cache.decode_view([s]))[0, 0]
+            assert torch.equal(alone, together[s]), (s, (alone - together[s]).abs().max())
+
+
 def test_32_concurrent_seeded_requests_equal_their_solo_runs_and_the_engine(model: GPT) -> None:
     prompts = _prompts(32)
     params = [

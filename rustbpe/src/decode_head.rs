@@ -1,4 +1,5 @@
-//! One CPU kernel for the decode step's head (`nanoctl.model.kernels.DecodeHead`, layout "packed").
+//! One CPU kernel for decode steps' products x @ W^T (`nanoctl.model.kernels.FewRowsMatmul`, layout
+//! "packed"): the head and the block linears.
 //!
 //! A decode step multiplies a few rows of hidden state (M <= 32) by the whole (vocab x dim) head.
 //! For so few rows MKL's sgemm ran at 10-35% of one core's FMA rate on the 2-core boxes measured,
@@ -100,7 +101,8 @@ fn panels_best(x: &[f32], rows: usize, dim: usize, packed: &[f32], panels: std::
 pub fn packed_head(x: &[f32], rows: usize, dim: usize, packed: &[f32], out: &mut [f32], out_cols: usize, threads: usize) {
     let panels = out_cols.div_ceil(PANEL);
     assert!(packed.len() >= panels * dim * PANEL && x.len() >= rows * dim && out.len() >= rows * out_cols);
-    let threads = threads.clamp(1, panels.max(1));
+    // A thread is spawned per call: only worth it for at least ~2M multiply-adds each.
+    let threads = threads.clamp(1, panels.max(1)).min((rows * dim * out_cols >> 21).max(1));
     if threads == 1 {
         panels_best(x, rows, dim, packed, 0..panels, out, out_cols);
         return;

@@ -423,7 +423,7 @@ fn ragged_decode_attention(
 
 /// The decode head over raw fp32 addresses: out (rows x out_cols) = x (rows x dim) @ W^T with W packed
 /// in panels of 16 vocab rows, each (dim x 16) contiguous (`packed_len` elements, zero past the vocab).
-/// `nanoctl.model.kernels.DecodeHead` builds the packing, checks the tensors and is the only caller.
+/// `nanoctl.model.kernels.FewRowsMatmul` builds the packing, checks the tensors and is the only caller.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn packed_head(

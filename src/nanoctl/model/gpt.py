@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from nanoctl.errors import UsageError
 from nanoctl.model import attention
-from nanoctl.model.kernels import DecodeHead, linear_relu_square, softcap_cross_entropy
+from nanoctl.model.kernels import FEW_ROWS, FewRowsMatmul, linear_relu_square, softcap_cross_entropy
 from nanoctl.model.kv_cache import KVCache, RaggedView, SlotKVCache
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,26 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 class Linear(nn.Linear):
-    """nn.Linear that casts its (fp32 master) weight to the activation dtype: replaces autocast."""
+    """nn.Linear that casts its (fp32 master) weight to the activation dtype: replaces autocast.
+
+    CPU inference on a few rows (decode steps) goes through `kernels.FewRowsMatmul`, which keeps
+    the fastest of MKL's layouts and the native packed kernel (up to 2-4x F.linear at 4-8 rows on one
+    thread); its copies of the weight are dropped after every optimizer step (GPT.after_optimizer_step).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.few_rows = FewRowsMatmul()
+
+    def takes_few_rows(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu" and self.bias is None and not torch.is_grad_enabled()
+            and 0 < x.numel() <= FEW_ROWS * x.size(-1) and not torch.compiler.is_compiling()
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.takes_few_rows(x):
+            return self.few_rows(x, self.weight)
         return F.linear(x, self.weight.to(dtype=x.dtype))
 
 
@@ -323,6 +340,8 @@ class MLP(nn.Module):
         self.c_proj = Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.c_fc.takes_few_rows(x):  # a CPU decode step: relu^2 in place on the fresh product
+            return self.c_proj(self.c_fc(x).relu_().square_())
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
             return self.c_proj(linear_relu_square(x, self.c_fc.weight))  # fused CPU eager path
         return self.c_proj(F.relu(self.c_fc(x)).square())  # compiled (CUDA): inductor fuses this itself
@@ -388,7 +407,7 @@ class GPT(nn.Module):
         )
         self.lm_head = Linear(config.n_embd, padded_vocab, bias=False)
         # CPU decode steps' lm_head (see _head): keeps a transposed copy, not a parameter, not saved
-        self._decode_head = DecodeHead()
+        self._decode_head = FewRowsMatmul()
         # Set while a prefill needs only its last position's logits (engine.last_position_logits): the
         # head then runs on that one position, through the decode head on a CPU.
         self.last_position_only = False
@@ -606,9 +625,13 @@ class GPT(nn.Module):
         )
 
     def after_optimizer_step(self) -> None:
-        """Called by the training framework after every optimizer step: the decode head's cached copy
-        goes (the optimizer's writes through `.data` do not show in the weight's version), and
-        DeepSeekMoE's bias balancing."""
+        """Called by the training framework after every optimizer step: the decode-step copies of the
+        head and linear weights go (the optimizer's writes through `.data` do not show in a weight's
+        version), and DeepSeekMoE's bias balancing."""
+        for module in self.modules():
+            few_rows = getattr(module, "few_rows", None)  # gpt.Linear (LoRALinear runs F.linear itself)
+            if few_rows is not None:
+                few_rows.invalidate()
         self._decode_head.invalidate()
         if self.config.arch == "deepseek":
             from nanoctl.model.deepseek import update_routing_biases
@@ -713,7 +736,7 @@ class GPT(nn.Module):
         """lm_head, with CPU decode steps (one position, no grad) routed to MKL's fast layouts.
 
         Few rows make the head a memory-bound matrix-vector product, which MKL runs up to 3x faster in
-        the layout `kernels.DecodeHead` times as fastest on this CPU. Same values up to summation order.
+        the layout `kernels.FewRowsMatmul` times as fastest on this CPU. Same values up to summation order.
         """
         if x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 3 or x.size(1) != 1:
             return self.lm_head(x)

@@ -3,7 +3,8 @@
 - `softcap_cross_entropy`: lm_head matmul + logit softcap + cross-entropy in row chunks, gradients made in
   forward; its tanh/exp/sum/gradient tail is one native pass (`native_softcap_kernel`) when available.
 - `linear_relu_square`: the MLP's relu(x @ W^T)^2 with the minimum of elementwise passes.
-- `DecodeHead`: lm_head for CPU decode steps in whichever of two layouts MKL runs faster on this CPU.
+- `FewRowsMatmul`: x @ W^T for CPU decode steps (few rows, no grad): lm_head and every block linear,
+  in whichever of MKL's two layouts or the native packed kernel runs fastest on this CPU.
 - `ragged_decode_attention`: continuous-batching decode attention, each row over exactly its own keys
   (`nanoctl._rustbpe.ragged_decode_attention`).
 
@@ -239,18 +240,25 @@ _PACKED_HEAD = _native_packed_head()
 PANEL = 16  # vocab rows per packed panel (nanoctl._rustbpe.packed_head)
 
 
-class DecodeHead:
-    """lm_head for CPU decode steps (one position per row, no grad) in the layout that runs fastest here.
+FEW_ROWS = 32  # the most rows (tokens) a product may have to take the few-rows path
 
-    A (rows x dim) @ (dim x vocab) product with few rows streams the whole head for little arithmetic,
-    and which form runs it fastest depends on the CPU and the row count: one row runs about 3x faster
-    against a contiguous (dim, vocab) copy than against the row-major (vocab, dim) weight on every box
-    measured, but for 2-32 rows W @ x^T was 1.3-3x faster than x @ W^T on one 2-core box and up to
-    1.25x slower on another; the native kernel (`packed`: the weight in (dim x 16) panels, rows kept in
-    registers) beat both at 2-8 rows on a 2-core EPYC, where MKL took 3-4x the time of one pass over
-    the weight. So each power-of-two row bucket times the forms once, on its first call, and keeps the
-    fastest (`layouts`). Every form returns a contiguous (rows, vocab) tensor (the sampler's argmax and
-    top-k read a transposed view several times slower). Same values up to summation order.
+
+class FewRowsMatmul:
+    """x @ W^T for CPU decode steps (at most FEW_ROWS rows, no grad) in the form that runs fastest here.
+
+    Used for lm_head (GPT._decode_head) and for every block linear (gpt.Linear). A product with few
+    rows streams the whole weight for little arithmetic, and MKL's sgemm runs it at a fraction of the
+    core's rate, differently per CPU and row count. The native kernel (`packed`: the weight in
+    (dim x 16) panels, up to 6 rows' outputs held in registers) is used whenever it can run (fp32):
+    on a 2-core EPYC it ran the head 1.5-2.6x faster than MKL's best layout at 2-32 rows and block
+    linears up to 4x faster at 4 rows on one thread. Its FMA order per output does not depend on the
+    row count, so a row's logits are bit-identical whichever rows share the step (a seeded request
+    decodes the same alone or in a crowd). Without it (another dtype, no native extension) each
+    power-of-two row bucket times MKL's two layouts once, on its first call, and keeps the faster
+    (`layouts`): one row runs about 3x faster against a contiguous (dim, vocab) copy than against
+    the row-major weight, while for 2-32 rows W @ x^T beat x @ W^T by 1.3-3x on one box and lost by
+    up to 1.25x on another. Every form returns a contiguous (rows, out) tensor (the sampler's argmax
+    and top-k read a transposed view several times slower). Same values up to summation order.
 
     Holds the copies it uses: not parameters, not saved. They are rebuilt when the weight's version or
     storage changes (a load, any in-place op on the parameter) and when `invalidate` is called: the
@@ -309,7 +317,7 @@ class DecodeHead:
         import time
 
         best, best_time = self.LAYOUTS[0], float("inf")
-        for layout in self.available(flat.dtype):
+        for layout in self.LAYOUTS[:2]:  # MKL's two (the native kernel, when it can run, is always used)
             self.product(flat, weight, layout)  # warm: builds the copy, faults the output in
             elapsed = float("inf")
             for _ in range(3):
@@ -323,11 +331,14 @@ class DecodeHead:
         return best
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x (rows, 1, dim) -> logits (rows, 1, padded vocab)."""
-        rows = x.size(0)
+        """x (..., dim) with at most FEW_ROWS rows -> (..., weight rows)."""
+        rows = x.numel() // x.size(-1)
         flat = x.reshape(rows, x.size(-1))
-        bucket = 1 << (rows - 1).bit_length()
-        layout = self.layouts.get(bucket)
-        if layout is None:
-            layout = self.layouts[bucket] = self._tune(flat, weight)
-        return self.product(flat, weight, layout).view(rows, 1, -1)
+        if "packed" in self.available(flat.dtype):
+            layout = "packed"
+        else:
+            bucket = 1 << (rows - 1).bit_length()
+            layout = self.layouts.get(bucket)
+            if layout is None:
+                layout = self.layouts[bucket] = self._tune(flat, weight)
+        return self.product(flat, weight, layout).view(*x.shape[:-1], -1)
