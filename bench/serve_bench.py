@@ -8,8 +8,9 @@ transformers NanoChat directory (written by `nanoctl.export.hf_export.write_hf_d
 nanochat's tokens). Three servers run side by side
 as subprocesses on loopback, CPU, fp32, each with 2 threads (OMP/MKL):
 
-- `nanoctl serve --max-batch 32` (the contender);
-- `nanoctl serve --max-batch 1` (peer a: the same server without batching);
+- `nanoctl serve --max-batch 32` (the contender; its default `--workers` auto starts two single-threaded
+  engines of 16 rows each on these 2 threads);
+- `nanoctl serve --max-batch 1` (peer a: the same server without batching: one engine, 2 threads);
 - `transformers serve --continuous-batching` (peer b), its defaults but for the KV cache: by default
   that is sized from free memory (on this CPU box 40% of RAM, a 9.5 GB process); here it holds what
   ours holds, 32 x 1024 tokens (`--cb-num-blocks 128` blocks of 256). Its other defaults (8192 tokens per
@@ -499,7 +500,10 @@ def bench_depth(
             s.wait_ready(args.start_timeout)
             if not s.model_id:
                 s.model_id = httpx.get(s.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        print(f"servers ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        out["engines"] = {  # nanoctl's /health says how many engines --workers (auto) started
+            k: httpx.get(s.url + "/health", timeout=10).json().get("workers") for k, s in servers.items() if k != "hf"
+        }
+        print(f"servers ready in {time.perf_counter() - t0:.0f} s; nanoctl engines {out['engines']}", flush=True)
         # Warm-up (not timed): the longest prompt alone, then 4 together (allocators, batch paths, HF's CB init).
         longest = max(range(len(prompts)), key=lambda i: lengths[i])
         for s in servers.values():
