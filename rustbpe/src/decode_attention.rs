@@ -205,45 +205,48 @@ fn weighted_sum(p: &[f32], v: &[f32], stride: usize, out: &mut [f32], simd: bool
     weighted_sum_generic(p, v, stride, out)
 }
 
+/// One decode step's attention problem: q (B, heads, kl.dim) contiguous; row b's new token sits at
+/// `positions[b]` of cache slot `slots[b]` (already written) and sees keys
+/// `max(0, pos - window)..=pos` (window < 0: all); `heads` is a multiple of `kv_heads` (GQA).
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub kl: Layout,
+    pub vl: Layout,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub slots: &'a [usize],
+    pub positions: &'a [usize],
+    pub window: i64,
+    pub scale: f32,
+}
+
 /// Rows `rows` (indices into slots/positions) of the batch; `out` holds exactly those rows.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_rows(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kl: Layout,
-    vl: Layout,
-    heads: usize,
-    kv_heads: usize,
-    slots: &[usize],
-    positions: &[usize],
-    window: i64,
-    scale: f32,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    simd: bool,
-) {
-    let group = heads / kv_heads;
+fn attend_rows(b: &Batch, rows: std::ops::Range<usize>, out: &mut [f32], simd: bool) {
+    let (kl, vl) = (b.kl, b.vl);
+    let group = b.heads / b.kv_heads;
     let mut scores = Vec::new();
-    for (r, b) in rows.enumerate() {
-        let end = positions[b];
-        let start = if window >= 0 { end.saturating_sub(window as usize) } else { 0 };
-        for h in 0..heads {
+    for (r, row) in rows.enumerate() {
+        let end = b.positions[row];
+        let start = if b.window >= 0 { end.saturating_sub(b.window as usize) } else { 0 };
+        for h in 0..b.heads {
             let kvh = h / group;
-            let qo = (b * heads + h) * kl.dim;
-            let oo = (r * heads + h) * vl.dim;
+            let qo = (row * b.heads + h) * kl.dim;
+            let oo = (r * b.heads + h) * vl.dim;
             attend_one(
-                &q[qo..qo + kl.dim],
-                k,
-                v,
+                &b.q[qo..qo + kl.dim],
+                b.k,
+                b.v,
                 kl,
                 vl,
-                slots[b] * kl.slot + kvh * kl.head,
-                slots[b] * vl.slot + kvh * vl.head,
+                b.slots[row] * kl.slot + kvh * kl.head,
+                b.slots[row] * vl.slot + kvh * vl.head,
                 start,
                 end,
-                scale,
+                b.scale,
                 &mut scores,
                 &mut out[oo..oo + vl.dim],
                 simd,
@@ -256,89 +259,39 @@ fn attend_rows(
 /// exp become calls to a software fma (about 60 ns per key instead of a few).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_rows_avx2(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kl: Layout,
-    vl: Layout,
-    heads: usize,
-    kv_heads: usize,
-    slots: &[usize],
-    positions: &[usize],
-    window: i64,
-    scale: f32,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-) {
-    attend_rows(q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale, rows, out, true)
+unsafe fn attend_rows_avx2(b: &Batch, rows: std::ops::Range<usize>, out: &mut [f32]) {
+    attend_rows(b, rows, out, true)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attend_rows_best(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kl: Layout,
-    vl: Layout,
-    heads: usize,
-    kv_heads: usize,
-    slots: &[usize],
-    positions: &[usize],
-    window: i64,
-    scale: f32,
-    rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    simd: bool,
-) {
+fn attend_rows_best(b: &Batch, rows: std::ops::Range<usize>, out: &mut [f32], simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only true when the CPU has AVX2 and FMA.
-        unsafe { attend_rows_avx2(q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale, rows, out) };
+        unsafe { attend_rows_avx2(b, rows, out) };
         return;
     }
-    attend_rows(q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale, rows, out, false)
+    attend_rows(b, rows, out, false)
 }
 
-/// q (B, heads, kl.dim) and out (B, heads, vl.dim) contiguous; row b's new token sits at
-/// `positions[b]` of cache slot `slots[b]` (already written) and sees keys `max(0, pos - window)..=pos`
-/// (window < 0: all). `heads` must be a multiple of `kv_heads` (grouped-query attention). Rows are
-/// split over `threads` threads.
-#[allow(clippy::too_many_arguments)]
-pub fn ragged_decode_attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    kl: Layout,
-    vl: Layout,
-    heads: usize,
-    kv_heads: usize,
-    slots: &[usize],
-    positions: &[usize],
-    window: i64,
-    scale: f32,
-    out: &mut [f32],
-    threads: usize,
-) {
-    let batch = slots.len();
-    let per_row = heads * vl.dim;
+/// out (B, heads, vl.dim) contiguous = softmax(scale q . K^T) V for every row of `b`, the rows split
+/// over `threads` threads.
+pub fn ragged_decode_attention(b: &Batch, out: &mut [f32], threads: usize) {
+    let batch = b.slots.len();
+    let per_row = b.heads * b.vl.dim;
     #[cfg(target_arch = "x86_64")]
     let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     let simd = false;
     let threads = threads.clamp(1, batch.max(1));
     if threads == 1 {
-        attend_rows_best(q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale, 0..batch, out, simd);
+        attend_rows_best(b, 0..batch, out, simd);
         return;
     }
     let per = batch.div_ceil(threads);
     std::thread::scope(|scope| {
         for (i, part) in out.chunks_mut(per * per_row).enumerate() {
             let rows = i * per..(i * per + part.len() / per_row);
-            scope.spawn(move || {
-                attend_rows_best(q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale, rows, part, simd)
-            });
+            scope.spawn(move || attend_rows_best(b, rows, part, simd));
         }
     });
 }
@@ -374,7 +327,11 @@ mod tests {
         for window in [-1i64, 7] {
             for threads in [1usize, 2] {
                 let mut out = vec![0.0f32; slots.len() * heads * dv];
-                ragged_decode_attention(&q, &buf, &buf[dk..], kl, vl, heads, kv_heads, &slots, &positions, window, 0.3, &mut out, threads);
+                let batch = Batch {
+                    q: &q, k: &buf, v: &buf[dk..], kl, vl, heads, kv_heads,
+                    slots: &slots, positions: &positions, window, scale: 0.3,
+                };
+                ragged_decode_attention(&batch, &mut out, threads);
                 for (b, (&s, &p)) in slots.iter().zip(&positions).enumerate() {
                     let start = if window >= 0 { p.saturating_sub(window as usize) } else { 0 };
                     for h in 0..heads {

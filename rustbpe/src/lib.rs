@@ -414,9 +414,10 @@ fn ragged_decode_attention(
         let k = unsafe { std::slice::from_raw_parts(k_addr as *const f32, k_len) };
         let v = unsafe { std::slice::from_raw_parts(v_addr as *const f32, v_len) };
         let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut f32, batch * heads * v_dim) };
-        decode_attention::ragged_decode_attention(
-            q, k, v, kl, vl, heads, kv_heads, &slots, &positions, window, scale, out, threads,
-        );
+        let batch = decode_attention::Batch {
+            q, k, v, kl, vl, heads, kv_heads, slots: &slots, positions: &positions, window, scale,
+        };
+        decode_attention::ragged_decode_attention(&batch, out, threads);
     });
     Ok(())
 }

@@ -22,15 +22,20 @@ import torch.nn.functional as F
 NATIVE_LOSS_ENV = "NANOCTL_NATIVE_LOSS"  # "0": the fused CPU loss uses torch ops, not the native pass
 
 
+def _native(name: str) -> Any:
+    """A kernel of the native extension (`nanoctl._rustbpe`), or None in one built before it existed."""
+    try:
+        from nanoctl import _rustbpe
+    except ImportError:
+        return None
+    return getattr(_rustbpe, name, None)
+
+
 def native_softcap_kernel() -> Any:
     """The native one-pass tanh/exp/sum/gradient kernel (`nanoctl._rustbpe.softcap_exp_grad`), or None."""
     if os.environ.get(NATIVE_LOSS_ENV, "1") == "0":
         return None
-    try:
-        from nanoctl._rustbpe import softcap_exp_grad
-    except ImportError:  # an extension built before the kernel existed
-        return None
-    return softcap_exp_grad
+    return _native("softcap_exp_grad")
 
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
@@ -178,15 +183,7 @@ def linear_relu_square(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _LinearReluSquare.apply(x, weight)
 
 
-def _native_decode_attention() -> Any:
-    try:
-        from nanoctl._rustbpe import ragged_decode_attention as kernel
-    except ImportError:  # an extension built before the kernel existed
-        return None
-    return kernel
-
-
-_DECODE_ATTENTION = _native_decode_attention()
+_DECODE_ATTENTION = _native("ragged_decode_attention")
 
 
 def ragged_decode_attention(
@@ -228,15 +225,7 @@ def ragged_decode_attention(
     return out
 
 
-def _native_packed_head() -> Any:
-    try:
-        from nanoctl._rustbpe import packed_head as kernel
-    except ImportError:  # an extension built before the kernel existed
-        return None
-    return kernel
-
-
-_PACKED_HEAD = _native_packed_head()
+_PACKED_HEAD = _native("packed_head")
 PANEL = 16  # vocab rows per packed panel (nanoctl._rustbpe.packed_head)
 
 
