@@ -143,7 +143,8 @@ def sse_events(body: str) -> list[Any]:
 
 def test_cpu_engines_split_the_rows_and_the_threads() -> None:
     """--workers 0 on a CPU: two single-threaded engines when torch has 2+ threads, one otherwise (or
-    for a single row); the rows split into shares that differ by one at most and sum to --max-batch."""
+    for a single row, or weights over 1 GiB); the rows split into shares that differ by one at most and
+    sum to --max-batch."""
     from nanoctl.serve.server import ServeOptions, _engines_per_device, _rows
 
     assert [_rows(33, 2, i) for i in range(2)] == [17, 16] and [_rows(32, 3, i) for i in range(3)] == [11, 11, 10]
@@ -155,6 +156,9 @@ def test_cpu_engines_split_the_rows_and_the_threads() -> None:
             torch.set_num_threads(threads)
             assert _engines_per_device(ServeOptions(max_batch=max_batch, workers=workers), "cpu") == want
             assert torch.get_num_threads() == threads_after
+        torch.set_num_threads(2)
+        assert _engines_per_device(ServeOptions(), "cpu", weight_bytes=2 << 30) == 1  # a d20: one copy
+        assert _engines_per_device(ServeOptions(workers=2), "cpu", weight_bytes=2 << 30) == 2  # asked for
         assert _engines_per_device(ServeOptions(workers=0), "cuda:0") == 1
     finally:
         torch.set_num_threads(before)

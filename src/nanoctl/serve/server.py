@@ -99,7 +99,8 @@ class ServeOptions:
     )
     workers: int = option(
         0, help="Engines per device, each decoding its share of --max-batch on its own thread (0 = auto: 2 on a "
-        "CPU with 2+ threads, each engine then single-threaded; 1 on a GPU). Each holds a copy of the model.",
+        "CPU with 2+ threads for weights up to 1 GiB, each engine then single-threaded; else 1). Each holds a "
+        "copy of the model.",
         panel=DISTRIBUTED,
     )
     shutdown_timeout: float = option(
@@ -289,7 +290,7 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
                     home=home,
                 )  # fmt: skip
                 if i == 0:
-                    workers = _engines_per_device(opts, loaded.device)
+                    workers = _engines_per_device(opts, loaded.device, _weight_bytes(loaded.model))
                 bank = None
                 if entries:
                     from nanoctl.model.lora_bank import mount_bank
@@ -328,13 +329,22 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
         server.should_exit = True
 
 
-def _engines_per_device(opts: ServeOptions, device: str) -> int:
+AUTO_WORKERS_MAX_BYTES = 1 << 30  # --workers auto copies a model only up to this size of weights
+
+
+def _weight_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _engines_per_device(opts: ServeOptions, device: str, weight_bytes: int = 0) -> int:
     """How many engines share `device`; on a CPU, also splits torch's threads between them.
 
     A CPU decode step at serving sizes is mostly small matrix products and per-op overhead, which a
     second intra-op thread barely speeds up (1 and 2 threads ran one engine at the same speed on a
     2-core box), while two single-threaded engines, each with half the rows, made 1.2-1.5x the tokens/s
-    there (bench/serve_bench.py). A GPU runs one engine per device. The thread count is torch's
+    there (bench/serve_bench.py). Each engine holds its own copy of the model (and its decode-step
+    copies), so auto stays at one engine for weights over 1 GiB (a d20 is 2.2 GB in fp32); --workers
+    asks for more explicitly. A GPU runs one engine per device. The thread count is torch's
     process-wide setting, which the server owns (set before the engine threads start).
     """
     if not device.startswith("cpu"):
@@ -342,7 +352,8 @@ def _engines_per_device(opts: ServeOptions, device: str) -> int:
     import torch
 
     threads = torch.get_num_threads()
-    workers = opts.workers or (2 if threads >= 2 and opts.max_batch >= 2 else 1)
+    small = weight_bytes <= AUTO_WORKERS_MAX_BYTES
+    workers = opts.workers or (2 if threads >= 2 and opts.max_batch >= 2 and small else 1)
     if workers > 1:
         torch.set_num_threads(max(1, threads // workers))
     return workers
