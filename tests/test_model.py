@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoctl.errors import UsageError
 from nanoctl.export import from_hf_state_dict, to_hf_config, to_hf_state_dict
@@ -501,7 +502,6 @@ def test_fused_softcap_cross_entropy_matches_plain_path(
 ) -> None:
     """The chunked CPU head+loss gives F.cross_entropy's loss and gradients (ignored targets, ragged chunk),
     with the native one-pass kernel and with plain torch ops."""
-    import torch.nn.functional as F
 
     from nanoctl.model.kernels import NATIVE_LOSS_ENV, native_softcap_kernel, softcap_cross_entropy
 
@@ -532,7 +532,6 @@ def test_fused_softcap_cross_entropy_matches_plain_path(
 
 def test_fused_softcap_cross_entropy_bf16_inputs_match_fp32_reference() -> None:
     """bf16 activations (CPU `--dtype bfloat16`) take the copy-into-fp32 branch; results track fp32."""
-    import torch.nn.functional as F
 
     from nanoctl.model.kernels import softcap_cross_entropy
 
@@ -554,7 +553,6 @@ def test_fused_softcap_cross_entropy_bf16_inputs_match_fp32_reference() -> None:
 
 
 def test_model_loss_uses_fused_path_on_cpu_and_matches_logits() -> None:
-    import torch.nn.functional as F
 
     m = randomized(tiny("current"))
     idx = torch.randint(0, 500, (2, 24))
@@ -569,7 +567,6 @@ def test_model_loss_uses_fused_path_on_cpu_and_matches_logits() -> None:
 
 
 def test_cpu_mlp_fused_relu_square_matches_autograd() -> None:
-    import torch.nn.functional as F
 
     from nanoctl.model.gpt import MLP
 
@@ -598,7 +595,7 @@ def test_cpu_decode_head_equals_lm_head_and_is_contiguous(rows: int) -> None:
     cfg = GPTConfig(sequence_len=32, vocab_size=500, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, arch="classic")
     model = build_model(cfg, "cpu", torch.float32)
     x = torch.randn(rows, 1, 64)
-    head = model._decode_head
+    head = model.lm_head.few_rows
     vocab = model.lm_head.weight.size(0)
     assert "packed" in head.available(torch.float32)  # the native kernel is built with the package
     with torch.no_grad():
@@ -606,22 +603,22 @@ def test_cpu_decode_head_equals_lm_head_and_is_contiguous(rows: int) -> None:
         for layout in head.available(torch.float32):
             got = head.product(x.view(rows, 64), model.lm_head.weight, layout)
             assert got.shape == (rows, vocab) and got.is_contiguous(), layout
-            torch.testing.assert_close(got, model.lm_head(x)[:, 0], atol=1e-4, rtol=1e-5, msg=layout)
+            torch.testing.assert_close(got, F.linear(x, model.lm_head.weight)[:, 0], atol=1e-4, rtol=1e-5, msg=layout)
         odd = model.lm_head.weight[:500]  # 31.25 panels: the last one partly zero padding
         torch.testing.assert_close(
             FewRowsMatmul().product(x.view(rows, 64), odd, "packed"), x.view(rows, 64) @ odd.t(), atol=1e-4, rtol=1e-5
         )
-        out = model._head(x)
+        out = model.lm_head(x)
         assert out.shape == (rows, 1, vocab) and out.is_contiguous()
         assert not head.layouts  # fp32 with the native kernel: always the packed form, nothing timed
         head.layouts.clear()
         x16 = x.to(torch.bfloat16)
         got16 = head(x16, model.lm_head.weight)  # no native bf16 kernel: MKL's layouts, timed once
         assert head.layouts[1 << (rows - 1).bit_length()] in head.LAYOUTS[:2]
-        torch.testing.assert_close(got16.float(), model.lm_head(x16.float()), atol=0.5, rtol=0.05)
-        torch.testing.assert_close(out, model.lm_head(x), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got16.float(), F.linear(x16.float(), model.lm_head.weight), atol=0.5, rtol=0.05)
+        torch.testing.assert_close(out, F.linear(x, model.lm_head.weight), atol=1e-4, rtol=1e-5)
         model.lm_head.weight.mul_(2.0)
-        torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(model.lm_head(x), F.linear(x, model.lm_head.weight), atol=1e-4, rtol=1e-5)
 
 
 def test_decode_head_follows_optimizer_steps() -> None:
@@ -634,10 +631,10 @@ def test_decode_head_follows_optimizer_steps() -> None:
     ids = torch.randint(0, 512, (2, 16))
     for _ in range(2):
         with torch.no_grad():
-            model._head(x)  # fills the cache
+            model.lm_head(x)  # fills the cache
         model(ids, targets=ids).backward()
         opt.step()
         model.after_optimizer_step()
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
-            torch.testing.assert_close(model._head(x), model.lm_head(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.lm_head(x), F.linear(x, model.lm_head.weight), atol=1e-5, rtol=1e-5)

@@ -406,10 +406,8 @@ class GPT(nn.Module):
             }
         )
         self.lm_head = Linear(config.n_embd, padded_vocab, bias=False)
-        # CPU decode steps' lm_head (see _head): keeps a transposed copy, not a parameter, not saved
-        self._decode_head = FewRowsMatmul()
         # Set while a prefill needs only its last position's logits (engine.last_position_logits): the
-        # head then runs on that one position, through the decode head on a CPU.
+        # head then runs on that one position (on a CPU, through the few-rows path).
         self.last_position_only = False
         kv_dim = config.n_kv_head * config.head_dim
         if current:
@@ -629,10 +627,9 @@ class GPT(nn.Module):
         head and linear weights go (the optimizer's writes through `.data` do not show in a weight's
         version), and DeepSeekMoE's bias balancing."""
         for module in self.modules():
-            few_rows = getattr(module, "few_rows", None)  # gpt.Linear (LoRALinear runs F.linear itself)
+            few_rows = getattr(module, "few_rows", None)  # gpt.Linear, lm_head included (LoRALinear runs F.linear)
             if few_rows is not None:
                 few_rows.invalidate()
-        self._decode_head.invalidate()
         if self.config.arch == "deepseek":
             from nanoctl.model.deepseek import update_routing_biases
 
@@ -732,16 +729,6 @@ class GPT(nn.Module):
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
         return x + gate * shifted
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """lm_head, with CPU decode steps (one position, no grad) routed to MKL's fast layouts.
-
-        Few rows make the head a memory-bound matrix-vector product, which MKL runs up to 3x faster in
-        the layout `kernels.FewRowsMatmul` times as fastest on this CPU. Same values up to summation order.
-        """
-        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 3 or x.size(1) != 1:
-            return self.lm_head(x)
-        return self._decode_head(x, self.lm_head.weight)
-
     def _fused_loss(self, x: torch.Tensor, reduction: str) -> bool:
         """Chunked fused head+loss on CPU (eager); CUDA leaves it to torch.compile / the plain path."""
         if x.device.type != "cpu" or torch.compiler.is_compiling():
@@ -820,7 +807,8 @@ class GPT(nn.Module):
             )
         if targets is None and self.last_position_only:
             x = x[:, -1:]
-        logits = self._head(x)[..., : self.config.vocab_size].float()
+        # a CPU decode step's head (few rows, no grad) takes gpt.Linear's few-rows path
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         if targets is None and not softcap:
             return logits
         logits = apply_softcap(logits)

@@ -235,7 +235,7 @@ FEW_ROWS = 32  # the most rows (tokens) a product may have to take the few-rows 
 class FewRowsMatmul:
     """x @ W^T for CPU decode steps (at most FEW_ROWS rows, no grad) in the form that runs fastest here.
 
-    Used for lm_head (GPT._decode_head) and for every block linear (gpt.Linear). A product with few
+    Used by every gpt.Linear, lm_head included (`Linear.takes_few_rows`). A product with few
     rows streams the whole weight for little arithmetic, and MKL's sgemm runs it at a fraction of the
     core's rate, differently per CPU and row count. The native kernel (`packed`: the weight in
     (dim x 16) panels, up to 6 rows' outputs held in registers) is used whenever it can run (fp32):

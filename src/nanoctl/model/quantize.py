@@ -227,9 +227,6 @@ class Int8GPT(GPT):
     def forward(self, idx: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return super().forward(idx.contiguous(), *args, **kwargs)  # the int8 lookup refuses strided indices
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x)  # the decode fast path transposes lm_head.weight, which int8 lacks
-
     def _fused_loss(self, x: torch.Tensor, reduction: str) -> bool:
         return False  # the chunked head+loss multiplies lm_head.weight: F.cross_entropy instead
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import json
 import os
 import socket
@@ -280,17 +279,15 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
         merged = None if adapters or not opts.lora else opts.lora[0]
         loaded = None
         for device in devices:
-            workers = 1
-            for i in itertools.count():
-                # Every engine loads its own copy: a LoRA bank's row selection and the prefill's
-                # last-position hook are per-model state, which two engine threads must not share.
-                loaded = load_chat_model(
-                    ChatOptions(checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
-                                lora=merged, quantize=opts.quantize),
-                    home=home,
-                )  # fmt: skip
-                if i == 0:
-                    workers = _engines_per_device(opts, loaded.device, _weight_bytes(loaded.model))
+            # Every engine loads its own copy: a LoRA bank's row selection and the prefill's
+            # last-position flag are per-model state, which two engine threads must not share.
+            chat_opts = ChatOptions(checkpoint=str(ref.directory), step=ref.step, device=device, dtype=opts.dtype,
+                                    lora=merged, quantize=opts.quantize)  # fmt: skip
+            loaded = load_chat_model(chat_opts, home=home)
+            workers = _engines_per_device(opts, loaded.device, _weight_bytes(loaded.model))
+            for i in range(workers):
+                if i > 0:
+                    loaded = load_chat_model(chat_opts, home=home)
                 bank = None
                 if entries:
                     from nanoctl.model.lora_bank import mount_bank
@@ -304,8 +301,6 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
                 )  # fmt: skip
                 sched.start()
                 schedulers.append(sched)
-                if i + 1 >= workers:
-                    break
         assert loaded is not None
         backend = schedulers[0] if len(schedulers) == 1 else Router(schedulers)
         # The id clients see: stage/tag@step (+lora:...), the same label `nanoctl chat` shows.
