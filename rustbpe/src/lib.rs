@@ -8,7 +8,7 @@
 //! Being the package's only native extension, it also carries one CPU kernel for the model's fused
 //! loss (`softcap`), so that no C++ toolchain is needed at run time.
 pub mod decode_attention;
-pub mod decode_head;
+pub mod packed_matmul;
 pub mod encode;
 pub mod keys;
 pub mod softcap;
@@ -422,12 +422,13 @@ fn ragged_decode_attention(
     Ok(())
 }
 
-/// The decode head over raw fp32 addresses: out (rows x out_cols) = x (rows x dim) @ W^T with W packed
-/// in panels of 16 vocab rows, each (dim x 16) contiguous (`packed_len` elements, zero past the vocab).
+/// A decode step's few-rows product over raw fp32 addresses: out (rows x out_cols) = x (rows x dim) @ W^T with W packed
+/// in panels of 16 weight rows, each (dim x 16) contiguous (`packed_len` elements, zero past the vocab).
 /// `nanoctl.model.kernels.FewRowsMatmul` builds the packing, checks the tensors and is the only caller.
 #[pyfunction]
+#[pyo3(name = "packed_matmul")]
 #[allow(clippy::too_many_arguments)]
-fn packed_head(
+fn py_packed_matmul(
     py: Python<'_>,
     x_addr: usize,
     rows: usize,
@@ -439,17 +440,17 @@ fn packed_head(
     threads: usize,
 ) -> PyResult<()> {
     if x_addr == 0 || packed_addr == 0 || out_addr == 0 || dim == 0 {
-        return Err(PyValueError::new_err("packed_head: null buffer or zero dim"));
+        return Err(PyValueError::new_err("packed_matmul: null buffer or zero dim"));
     }
-    if packed_len < out_cols.div_ceil(decode_head::PANEL) * dim * decode_head::PANEL {
-        return Err(PyValueError::new_err("packed_head: the packed weight does not cover the output"));
+    if packed_len < out_cols.div_ceil(packed_matmul::PANEL) * dim * packed_matmul::PANEL {
+        return Err(PyValueError::new_err("packed_matmul: the packed weight does not cover the output"));
     }
     py.allow_threads(|| {
         // SAFETY: the caller's contract above (live, contiguous fp32 buffers of these sizes).
         let x = unsafe { std::slice::from_raw_parts(x_addr as *const f32, rows * dim) };
         let packed = unsafe { std::slice::from_raw_parts(packed_addr as *const f32, packed_len) };
         let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut f32, rows * out_cols) };
-        decode_head::packed_head(x, rows, dim, packed, out, out_cols, threads);
+        packed_matmul::packed_matmul(x, rows, dim, packed, out, out_cols, threads);
     });
     Ok(())
 }
@@ -464,6 +465,6 @@ fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_fast_pattern, m)?)?;
     m.add_function(wrap_pyfunction!(softcap_exp_grad, m)?)?;
     m.add_function(wrap_pyfunction!(ragged_decode_attention, m)?)?;
-    m.add_function(wrap_pyfunction!(packed_head, m)?)?;
+    m.add_function(wrap_pyfunction!(py_packed_matmul, m)?)?;
     Ok(())
 }

@@ -225,8 +225,8 @@ def ragged_decode_attention(
     return out
 
 
-_PACKED_HEAD = _native("packed_head")
-PANEL = 16  # vocab rows per packed panel (nanoctl._rustbpe.packed_head)
+_PACKED_MATMUL = _native("packed_matmul")
+PANEL = 16  # weight rows per packed panel (nanoctl._rustbpe.packed_matmul)
 
 
 FEW_ROWS = 32  # the most rows (tokens) a product may have to take the few-rows path
@@ -268,7 +268,7 @@ class FewRowsMatmul:
 
     def available(self, dtype: torch.dtype) -> tuple[str, ...]:
         """The layouts that can run in `dtype` (the native kernel is fp32 only)."""
-        native = _PACKED_HEAD is not None and dtype == torch.float32
+        native = _PACKED_MATMUL is not None and dtype == torch.float32
         return self.LAYOUTS if native else self.LAYOUTS[:2]
 
     def _copy(self, weight: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
@@ -296,7 +296,7 @@ class FewRowsMatmul:
             return flat @ copy
         flat = flat.contiguous()
         out = flat.new_empty((flat.size(0), weight.size(0)))
-        _PACKED_HEAD(
+        _PACKED_MATMUL(
             flat.data_ptr(), flat.size(0), flat.size(1), copy.data_ptr(), copy.numel(), out.data_ptr(),
             weight.size(0), torch.get_num_threads(),
         )  # fmt: skip

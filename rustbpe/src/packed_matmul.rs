@@ -98,7 +98,7 @@ fn panels_best(x: &[f32], rows: usize, dim: usize, packed: &[f32], panels: std::
 
 /// out (rows x out_cols) = x (rows x dim) @ W^T for W packed as above (`packed.len()` a multiple of
 /// dim * PANEL covering out_cols), the panels split over `threads` threads.
-pub fn packed_head(x: &[f32], rows: usize, dim: usize, packed: &[f32], out: &mut [f32], out_cols: usize, threads: usize) {
+pub fn packed_matmul(x: &[f32], rows: usize, dim: usize, packed: &[f32], out: &mut [f32], out_cols: usize, threads: usize) {
     let panels = out_cols.div_ceil(PANEL);
     assert!(packed.len() >= panels * dim * PANEL && x.len() >= rows * dim && out.len() >= rows * out_cols);
     // A thread is spawned per call: only worth it for at least ~2M multiply-adds each.
@@ -145,7 +145,7 @@ mod tests {
             let x: Vec<f32> = (0..rows * dim).map(|i| ((i * 104729 % 997) as f32) / 997.0 - 0.5).collect();
             for threads in [1usize, 2, 3] {
                 let mut out = vec![f32::NAN; rows * vocab];
-                packed_head(&x, rows, dim, &packed, &mut out, vocab, threads);
+                packed_matmul(&x, rows, dim, &packed, &mut out, vocab, threads);
                 for m in 0..rows {
                     for v in 0..vocab {
                         let want: f32 = (0..dim).map(|d| x[m * dim + d] * w[v * dim + d]).sum();
