@@ -12,7 +12,7 @@ from nanoctl.errors import UsageError
 from nanoctl.export import from_hf_state_dict, to_hf_config, to_hf_state_dict
 from nanoctl.model.attention import sdpa
 from nanoctl.model.gpt import GPT, GPTConfig, build_model, config_for_depth, window_sizes
-from nanoctl.model.kernels import FewRowsMatmul
+from nanoctl.model.kernels import FewRowsMatmul, argmax_rows
 from nanoctl.model.kv_cache import KVCache
 
 ARCHS = ["current", "classic"]
@@ -619,6 +619,23 @@ def test_cpu_decode_head_equals_lm_head_and_is_contiguous(rows: int) -> None:
         torch.testing.assert_close(out, F.linear(x, model.lm_head.weight), atol=1e-4, rtol=1e-5)
         model.lm_head.weight.mul_(2.0)
         torch.testing.assert_close(model.lm_head(x), F.linear(x, model.lm_head.weight), atol=1e-4, rtol=1e-5)
+
+
+def test_native_argmax_rows_matches_torch_ties_nan_and_views() -> None:
+    """Greedy decoding's native argmax gives torch.argmax's index: the first of tied maxima, a NaN
+    counting as the maximum, -inf rows, tails past the vector width, and non-contiguous inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 1003)
+    x[0, 17] = x[0, 900] = 50.0  # tie: the first wins
+    x[1, 1002] = 50.0  # the max in the scalar tail
+    x[2, 400] = float("nan")  # NaN beats everything, also a later +inf
+    x[2, 700] = float("inf")
+    x[3] = float("-inf")  # all -inf: index 0
+    x[4] = 1.0  # all equal: index 0
+    cases = [x, x[:, :37], x.t().contiguous().t(), x[:, ::2], torch.randn(1, 32768), torch.randn(3, 1)]
+    for case in cases:
+        assert torch.equal(argmax_rows(case), torch.argmax(case, dim=-1))
+    assert argmax_rows(x.to(torch.bfloat16)).tolist() == torch.argmax(x.to(torch.bfloat16), dim=-1).tolist()
 
 
 def test_decode_head_follows_optimizer_steps() -> None:

@@ -7,6 +7,7 @@
 //!
 //! Being the package's only native extension, it also carries one CPU kernel for the model's fused
 //! loss (`softcap`), so that no C++ toolchain is needed at run time.
+pub mod argmax;
 pub mod decode_attention;
 pub mod packed_matmul;
 pub mod encode;
@@ -455,6 +456,23 @@ fn py_packed_matmul(
     Ok(())
 }
 
+/// Greedy decoding's argmax per row over raw addresses: out (rows,) int64 = argmax of each row of x
+/// (rows x cols fp32, row-major), torch's tie and NaN rules. `nanoctl.model.kernels.argmax_rows`
+/// checks the tensor and is the only caller.
+#[pyfunction]
+fn argmax_rows(py: Python<'_>, x_addr: usize, rows: usize, cols: usize, out_addr: usize) -> PyResult<()> {
+    if x_addr == 0 || out_addr == 0 || cols == 0 {
+        return Err(PyValueError::new_err("argmax_rows: null buffer or zero columns"));
+    }
+    py.allow_threads(|| {
+        // SAFETY: the caller's contract above (a live contiguous fp32 tensor and an int64 output).
+        let x = unsafe { std::slice::from_raw_parts(x_addr as *const f32, rows * cols) };
+        let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut i64, rows) };
+        argmax::argmax_rows(x, cols, out);
+    });
+    Ok(())
+}
+
 #[pymodule]
 fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -466,5 +484,6 @@ fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(softcap_exp_grad, m)?)?;
     m.add_function(wrap_pyfunction!(ragged_decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(py_packed_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(argmax_rows, m)?)?;
     Ok(())
 }

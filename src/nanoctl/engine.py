@@ -86,7 +86,9 @@ def sample_next_token(
     import torch
 
     if params.greedy:
-        return torch.argmax(logits, dim=-1)
+        from nanoctl.model.kernels import argmax_rows
+
+        return argmax_rows(logits)
     assert generators is not None and len(generators) == logits.size(0)
     vocab = logits.size(-1)
     top_k = params.top_k if params.top_k and params.top_k < vocab else None
