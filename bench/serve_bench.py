@@ -34,6 +34,7 @@ of machine load hits all three alike.
     python bench/serve_bench.py --quick             # smoke run: depth 4, 1 and 8 clients, 32 tokens
     python bench/serve_bench.py --json              # one JSON document on the last line
     python bench/serve_bench.py --server-env OMP_WAIT_POLICY=PASSIVE   # extra env for all three servers
+    python bench/serve_bench.py --nanoctl-args "--kv-dtype float16"    # extra args for both nanoctl servers
 
 Goals (issue 13): >= 4x the batch-1 throughput at 8 clients and >= 8x at 32; >= 2x transformers
 serve's throughput at 8 and 32 clients, with a lower TTFT p50. Needs `transformers` (5.x, with its
@@ -49,6 +50,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -271,11 +273,11 @@ class Server:
 
 
 def make_servers(
-    ckpt: Path, hf_dir: Path, home: Path, logs: Path, threads: int, extra_env: list[str]
+    ckpt: Path, hf_dir: Path, home: Path, logs: Path, threads: int, extra_env: list[str], extra_args: list[str]
 ) -> dict[str, Server]:
     env = server_env(threads, home, extra_env)
     nanoctl = [sys.executable, "-m", "nanoctl", "--home", str(home), "serve", "--checkpoint", str(ckpt)]
-    nanoctl += ["--device", "cpu", "--dtype", "float32", "--port", "0", "--json"]
+    nanoctl += ["--device", "cpu", "--dtype", "float32", "--port", "0", "--json", *extra_args]
     hf_port = free_port()
     blocks_of_256 = MAX_BATCH * SEQ_LEN // 256
     hf = [
@@ -483,7 +485,9 @@ def bench_depth(
     )
     logs = work / f"logs-{tag}"
     logs.mkdir(exist_ok=True)
-    servers = make_servers(ckpt, hf_dir, work / "home", logs, args.threads, args.server_env)
+    servers = make_servers(
+        ckpt, hf_dir, work / "home", logs, args.threads, args.server_env, shlex.split(args.nanoctl_args)
+    )
     out: dict[str, Any] = {
         "depth": depth,
         "n_embd": cfg.n_embd,
@@ -500,10 +504,15 @@ def bench_depth(
             s.wait_ready(args.start_timeout)
             if not s.model_id:
                 s.model_id = httpx.get(s.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        out["engines"] = {  # nanoctl's /health says how many engines --workers (auto) started
-            k: httpx.get(s.url + "/health", timeout=10).json().get("workers") for k, s in servers.items() if k != "hf"
-        }
-        print(f"servers ready in {time.perf_counter() - t0:.0f} s; nanoctl engines {out['engines']}", flush=True)
+        # nanoctl's /health says how many engines --workers (auto) started, and what its KV cache holds
+        health = {k: httpx.get(s.url + "/health", timeout=10).json() for k, s in servers.items() if k != "hf"}
+        out["engines"] = {k: h.get("workers") for k, h in health.items()}
+        out["kv_dtype"] = {k: h.get("kv_dtype") for k, h in health.items()}
+        print(
+            f"servers ready in {time.perf_counter() - t0:.0f} s; nanoctl engines {out['engines']}, "
+            f"KV cache {out['kv_dtype']}",
+            flush=True,
+        )
         # Warm-up (not timed): the longest prompt alone, then 4 together (allocators, batch paths, HF's CB init).
         longest = max(range(len(prompts)), key=lambda i: lengths[i])
         for s in servers.values():
@@ -624,6 +633,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra environment for all three servers (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE",
     )
+    ap.add_argument(
+        "--nanoctl-args",
+        default="",
+        metavar="ARGS",
+        help="extra `nanoctl serve` arguments for both nanoctl servers (the contender and its batch-1 self), "
+        "e.g. '--kv-dtype float16'",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: depth 4, 1 and 8 clients, 32 tokens")
     ap.add_argument("--workdir", help="keep the checkpoints, HF directories and server logs here")
     ap.add_argument("--json", action="store_true", help="print one JSON document as the last line")
@@ -664,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "phase_cap_s": args.phase_cap,
             "server_env": args.server_env,
+            "nanoctl_args": args.nanoctl_args,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "cpu_count": os.cpu_count(),

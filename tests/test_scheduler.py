@@ -102,11 +102,13 @@ def _engine_text(engine: Engine, prompt: list[int], params: SamplingParams, n: i
     ],
 )
 @pytest.mark.parametrize("native", [True, False], ids=["native", "sdpa-span"])
+@pytest.mark.parametrize("kv", ["float32", "float16"])
 def test_ragged_decode_equals_full_recompute(
-    model: GPT, slots: list[int], native: bool, monkeypatch: pytest.MonkeyPatch
+    model: GPT, slots: list[int], native: bool, kv: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both ragged attention paths (the native CPU per-row kernel, SDPA over the padded span as on
-    CUDA) equal a full recompute, with sliding windows, GQA, holes and gathered rows."""
+    CUDA) equal a full recompute, with sliding windows, GQA, holes and gathered rows; also from an fp16
+    cache (`serve --kv-dtype float16`), within fp16's rounding of K/V."""
     from nanoctl.model import kernels
 
     monkeypatch.setattr(kv_cache, "NATIVE_ATTENTION", native)
@@ -116,7 +118,8 @@ def test_ragged_decode_equals_full_recompute(
     prompts = _prompts(4, 5, 320)
     nexts = _prompts(4, 6, 7, seed=2)
     with torch.inference_mode(), one_thread():
-        cache = model.new_slot_cache(12)
+        cache = model.new_slot_cache(12, kv_dtype=getattr(torch, kv))
+        assert cache.k_cache.dtype == cache.v_cache.dtype == getattr(torch, kv)
         for s in range(12):  # stale rows in the holes must not leak into anyone's attention
             model(torch.tensor([_prompts(1, 30, 31, seed=s + 10)[0]]), kv_cache=cache.row(s))
             cache.free(s)
@@ -134,16 +137,19 @@ def test_ragged_decode_equals_full_recompute(
                 got[r].append(logits[r])
         for r, (p, q) in enumerate(zip(prompts, nexts, strict=True)):
             want = model(torch.tensor([p + q[:6]]))[0, -6:]
-            assert torch.allclose(torch.stack(got[r]), want, atol=1e-4), (len(p), (torch.stack(got[r]) - want).abs().max())
+            atol = 1e-4 if kv == "float32" else 1e-2  # fp16 K/V: ~1e-3 relative; a wrong read is O(1)
+            assert torch.allclose(torch.stack(got[r]), want, atol=atol), (len(p), (torch.stack(got[r]) - want).abs().max())
         assert (len(calls) > 0) == native  # the path under test really ran
 
 
-def test_a_rows_logits_are_bit_identical_alone_or_beside_others(model: GPT) -> None:
+@pytest.mark.parametrize("kv", ["float32", "float16"])
+def test_a_rows_logits_are_bit_identical_alone_or_beside_others(model: GPT, kv: str) -> None:
     """CPU fp32 decode is batch-invariant: the native head, linears and attention give every row the
-    same operations whatever else shares the step, so a row's logits are equal bit for bit."""
+    same operations whatever else shares the step, so a row's logits are equal bit for bit (from an
+    fp16 cache too)."""
     prompts = _prompts(5, 5, 320, seed=4)
     with torch.inference_mode():
-        cache = model.new_slot_cache(5)
+        cache = model.new_slot_cache(5, kv_dtype=getattr(torch, kv))
         for s, p in enumerate(prompts):
             model(torch.tensor([p]), kv_cache=cache.row(s))
         ids = torch.tensor([[7], [8], [9], [10], [11]])

@@ -613,6 +613,7 @@ def test_cli_errors_are_one_line(serve_home: Path, tmp_path: Path) -> None:
         (["serve", "--max-batch", "0"], 2, "--max-batch 0"),
         (["serve", "--workers", "3", "--max-batch", "2"], 2, "--workers 3"),
         (["serve", "--workers", "-1"], 2, "--workers -1"),
+        (["serve", "--kv-dtype", "int4"], 2, "--kv-dtype 'int4' is not one of bfloat16, float16, float32"),
         (["serve", "--stage", "dpo"], 2, "--stage"),
         (["--home", str(tmp_path), "serve"], 1, "checkpoint"),
     ]
@@ -902,15 +903,15 @@ def test_live_32_concurrent_streams_complete_and_equal_their_seeded_solo_runs(
 ) -> None:
     """32 httpx async streaming clients at once: 0 errors, and each text is what the same seeded
     request gives when it runs alone (continuous batching never mixes rows), with the rows split over
-    two engines (--workers 2: two model copies, least-loaded routing)."""
+    two engines (--workers 2: two model copies, least-loaded routing) and an fp16 KV cache."""
     s = LiveServer(
         serve_home, tmp_path / "many.log", "--stage", "base", "--max-batch", "32", "--workers", "2",
-        "--max-tokens-limit", "8192",
+        "--max-tokens-limit", "8192", "--kv-dtype", "float16",
     )  # fmt: skip
     try:
         url = s.wait_ready()
         health = httpx.get(url + "/health", timeout=10).json()
-        assert (health["workers"], health["max_rows"]) == (2, 32)
+        assert (health["workers"], health["max_rows"], health["kv_dtype"]) == (2, 32, "float16")
         prompts = [f"the {i} quick brown fox " * (1 + i % 7) for i in range(32)]
 
         async def one(http: httpx.AsyncClient, i: int) -> str:

@@ -371,7 +371,8 @@ fn softcap_exp_grad(
 /// `nanoctl.model.kernels.ragged_decode_attention` checks the shapes, strides and dtypes and is the
 /// only caller. `k_strides`/`v_strides` are the (slot, position, kv head) element strides of one
 /// layer's cache; its last axis is contiguous. q (B, heads, k_dim) and out (B, heads, v_dim) are
-/// contiguous; `k_len`/`v_len` are the elements reachable from each cache address.
+/// contiguous; `k_len`/`v_len` are the elements reachable from each cache address. The cache holds fp32
+/// elements, or fp16 ones when `half` (q and out are fp32 either way).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn ragged_decode_attention(
@@ -393,6 +394,7 @@ fn ragged_decode_attention(
     scale: f32,
     out_addr: usize,
     threads: usize,
+    half: bool,
 ) -> PyResult<()> {
     if q_addr == 0 || k_addr == 0 || v_addr == 0 || out_addr == 0 {
         return Err(PyValueError::new_err("ragged_decode_attention: null buffer"));
@@ -409,16 +411,29 @@ fn ragged_decode_attention(
         }
     }
     let batch = slots.len();
-    py.allow_threads(|| {
-        // SAFETY: the caller's contract above (live fp32 buffers of these sizes; out not aliased).
-        let q = unsafe { std::slice::from_raw_parts(q_addr as *const f32, batch * heads * k_dim) };
-        let k = unsafe { std::slice::from_raw_parts(k_addr as *const f32, k_len) };
-        let v = unsafe { std::slice::from_raw_parts(v_addr as *const f32, v_len) };
-        let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut f32, batch * heads * v_dim) };
-        let batch = decode_attention::Batch {
-            q, k, v, kl, vl, heads, kv_heads, slots: &slots, positions: &positions, window, scale,
-        };
+    #[allow(clippy::too_many_arguments)]
+    fn run<E: decode_attention::Elem>(
+        q: &[f32], k_addr: usize, k_len: usize, v_addr: usize, v_len: usize, kl: decode_attention::Layout,
+        vl: decode_attention::Layout, heads: usize, kv_heads: usize, slots: &[usize], positions: &[usize],
+        window: i64, scale: f32, out: &mut [f32], threads: usize,
+    ) {
+        // SAFETY: the caller's contract (live cache buffers of these element counts and type).
+        let k = unsafe { std::slice::from_raw_parts(k_addr as *const E, k_len) };
+        let v = unsafe { std::slice::from_raw_parts(v_addr as *const E, v_len) };
+        let batch = decode_attention::Batch { q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale };
         decode_attention::ragged_decode_attention(&batch, out, threads);
+    }
+    py.allow_threads(|| {
+        // SAFETY: the caller's contract above (live fp32 q/out buffers of these sizes; out not aliased).
+        let q = unsafe { std::slice::from_raw_parts(q_addr as *const f32, batch * heads * k_dim) };
+        let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut f32, batch * heads * v_dim) };
+        if half {
+            run::<decode_attention::F16>(
+                q, k_addr, k_len, v_addr, v_len, kl, vl, heads, kv_heads, &slots, &positions, window, scale, out, threads,
+            );
+        } else {
+            run::<f32>(q, k_addr, k_len, v_addr, v_len, kl, vl, heads, kv_heads, &slots, &positions, window, scale, out, threads);
+        }
     });
     Ok(())
 }

@@ -10,6 +10,7 @@
 
 pub const PANEL: usize = 16;
 const TILE: usize = 6;
+const PREFETCH_PANELS: usize = 2;
 
 /// out (rows x out_cols, row-major, out_cols <= panels * PANEL) = x (rows x dim) @ W^T, with W
 /// given as `packed` panels: packed[p][d][j] = W[p * PANEL + j][d] (zero past the vocab).
@@ -33,7 +34,7 @@ fn panels_generic(x: &[f32], rows: usize, dim: usize, packed: &[f32], panels: st
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PANEL, TILE};
+    use super::{PANEL, PREFETCH_PANELS, TILE};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -50,7 +51,7 @@ mod avx2 {
         assert!(out.len() >= rows * out_cols);
         let px = x.as_ptr();
         let mut buf = [0.0f32; PANEL];
-        for p in panels {
+        for p in panels.clone() {
             let panel = packed.as_ptr().add(p * dim * PANEL);
             let c0 = p * PANEL;
             let n = PANEL.min(out_cols - c0);
@@ -58,7 +59,15 @@ mod avx2 {
             while m0 < rows {
                 let tile = TILE.min(rows - m0);
                 let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
+                // A panel row is one cache line: the first tile asks for the panel after next, line by
+                // line, so the head streams from memory while the FMAs run (else every panel's first
+                // tile waited on DRAM: 16-32 rows ran at ~55% of the in-cache rate).
+                let ahead = panel.wrapping_add(PREFETCH_PANELS * dim * PANEL);
+                let fetch = m0 == 0 && p + PREFETCH_PANELS < panels.end;
                 for d in 0..dim {
+                    if fetch {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(d * PANEL) as *const i8);
+                    }
                     let w0 = _mm256_loadu_ps(panel.add(d * PANEL));
                     let w1 = _mm256_loadu_ps(panel.add(d * PANEL + 8));
                     for (i, a) in acc.iter_mut().enumerate().take(tile) {

@@ -316,19 +316,17 @@ class CausalSelfAttention(nn.Module):
         v_cache[:, pos:end] = v
         # Only keys within the window of the first query in this chunk can matter.
         start = max(0, pos - window) if window >= 0 else 0
-        keys = k_cache[:, start:end].transpose(1, 2)
-        values = v_cache[:, start:end].transpose(1, 2)
+        keys = k_cache[:, start:end].transpose(1, 2).to(q.dtype)  # a narrower cache widens here
+        values = v_cache[:, start:end].transpose(1, 2).to(q.dtype)
         y = attention.sdpa(q.transpose(1, 2), keys, values, window, pos, start, self.softmax_scale)
         return y.transpose(1, 2)
-
-
     def _attend_ragged(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, view: RaggedView
     ) -> torch.Tensor:
         """Continuous batching: one new token per row, each row at its own position (SlotKVCache)."""
         k_cache, v_cache = view.get_layer_cache(self.layer_idx)
-        k_cache[view.index, view.positions] = k[:, 0]
-        v_cache[view.index, view.positions] = v[:, 0]
+        k_cache[view.index, view.positions] = k[:, 0].to(k_cache.dtype)
+        v_cache[view.index, view.positions] = v[:, 0].to(v_cache.dtype)
         return view.attend(q, k_cache, v_cache, window, self.softmax_scale)
 
 
@@ -606,8 +604,11 @@ class GPT(nn.Module):
             v_head_dim=v_dim,
         )
 
-    def new_slot_cache(self, slots: int, seq_len: int | None = None) -> SlotKVCache:
-        """A continuous-batching cache: `slots` rows of up to `seq_len` (default: the context) each."""
+    def new_slot_cache(
+        self, slots: int, seq_len: int | None = None, kv_dtype: torch.dtype | None = None
+    ) -> SlotKVCache:
+        """A continuous-batching cache: `slots` rows of up to `seq_len` (default: the context) each, K/V
+        stored in `kv_dtype` (default: the compute dtype)."""
         cfg = self.config
         heads, k_dim, v_dim = self.kv_layout()
         return SlotKVCache(
@@ -620,6 +621,7 @@ class GPT(nn.Module):
             device=self.get_device(),
             dtype=self.compute_dtype,
             v_head_dim=v_dim,
+            kv_dtype=kv_dtype,
         )
 
     def after_optimizer_step(self) -> None:

@@ -220,13 +220,16 @@ def ragged_decode_attention(
     q (B, 1, H, Dk); k_layer/v_layer one layer's (slots, T, H_kv, D) cache, already holding this
     step's K/V, last axis contiguous (v may be a slice of k, as MLA's latent values are); row b is
     slot `slots[b]` with its new token at `positions[b]`, seeing keys back to `positions[b] - window`
-    (window < 0: all). Returns (B, 1, H, Dv), or None when the kernel cannot take these tensors (not
-    a CPU, not fp32, no native extension): the caller then uses SDPA. Unlike the padded SDPA batch it
+    (window < 0: all). The cache may hold fp32 or fp16 (a `--kv-dtype float16` cache; the arithmetic is
+    fp32). Returns (B, 1, H, Dv), or None when the kernel cannot take these tensors (not a CPU, q not
+    fp32, another cache dtype, no native extension): the caller then uses SDPA. Unlike the padded SDPA batch it
     reads no key past a row's own length and needs no mask (1.5-3x faster per decode step's attention
     on 2-core boxes, bench/serve_bench.py).
     """
     tensors = (q, k_layer, v_layer)
-    if _DECODE_ATTENTION is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    if _DECODE_ATTENTION is None or any(t.device.type != "cpu" for t in tensors) or q.dtype != torch.float32:
+        return None
+    if k_layer.dtype != v_layer.dtype or k_layer.dtype not in (torch.float32, torch.float16):
         return None
     if k_layer.stride(-1) != 1 or v_layer.stride(-1) != 1:
         return None
@@ -241,6 +244,7 @@ def ragged_decode_attention(
         q.data_ptr(), k_layer.data_ptr(), reachable(k_layer), tuple(k_layer.stride()[:3]), k_dim,
         v_layer.data_ptr(), reachable(v_layer), tuple(v_layer.stride()[:3]), v_layer.size(-1),
         heads, k_layer.size(2), slots, positions, window, scale, out.data_ptr(), torch.get_num_threads(),
+        k_layer.dtype == torch.float16,
     )  # fmt: skip
     return out
 

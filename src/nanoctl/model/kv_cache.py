@@ -101,14 +101,18 @@ class SlotKVCache:
         device: torch.device | str,
         dtype: torch.dtype,
         v_head_dim: int | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         shape = (num_layers, slots, seq_len, num_kv_heads, head_dim)
         self.slots = slots
         self.seq_len = seq_len
         self.n_layers = num_layers
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        # K/V may be stored narrower than the activations (`serve --kv-dtype float16`): writes round,
+        # reads widen (the native CPU kernel reads fp16 directly).
+        kv_dtype = kv_dtype or dtype
+        self.k_cache = torch.zeros(shape, device=device, dtype=kv_dtype)
         v_dim = head_dim if v_head_dim is None else v_head_dim  # 0: no V (MLA), as KVCache
-        self.v_cache = torch.zeros((*shape[:-1], v_dim), device=device, dtype=dtype)
+        self.v_cache = torch.zeros((*shape[:-1], v_dim), device=device, dtype=kv_dtype)
         self.prev = torch.zeros(slots, 1, n_embd, device=device, dtype=dtype)
         self.lengths = [0] * slots  # positions written per row (host-side: no device sync to read)
 
@@ -163,7 +167,8 @@ class _RowView:
 class RaggedView:
     """Several rows of a SlotKVCache decoding one token each, every row at its own position.
 
-    On a CPU in fp32 each row attends over exactly its own keys (the native kernel). Otherwise
+    On a CPU in fp32 (an fp32 or fp16 cache) each row attends over exactly its own keys (the native
+    kernel). Otherwise
     attention reads the rows' K/V as one contiguous slice of slots (`span`): gathering scattered rows
     copied every layer's K/V once per step, which cost more than the attention itself. Slots in the
     span that are not decoding (their request is still prefilling, or they are free) ride along as
@@ -229,8 +234,8 @@ class RaggedView:
             y = ragged_decode_attention(q, k_layer, v_layer, self.slots, self.lengths, window, scale)
             if y is not None:
                 return y
-        keys = self.rows(k_layer).transpose(1, 2)
-        values = self.rows(v_layer).transpose(1, 2)
+        keys = self.rows(k_layer).transpose(1, 2).to(q.dtype)
+        values = self.rows(v_layer).transpose(1, 2).to(q.dtype)
         if self._local is not None:
             q = q.new_zeros((keys.size(0), *q.shape[1:])).index_copy_(0, self._local, q)
         y = ragged_sdpa(q.transpose(1, 2), keys, values, self.mask(window), scale).transpose(1, 2)

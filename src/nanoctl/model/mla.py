@@ -108,7 +108,7 @@ class MultiHeadLatentAttention(nn.Module):
         entry = torch.cat([latent, k_rope[:, :, 0]], dim=-1)  # (B, T, rank+rope): the whole cached state
         k_cache, _ = cache.get_layer_cache(self.layer_idx)
         if getattr(cache, "ragged", False):
-            k_cache[cache.index, cache.positions] = entry[:, 0].unsqueeze(1)
+            k_cache[cache.index, cache.positions] = entry[:, 0].unsqueeze(1).to(k_cache.dtype)
             # the cached state is one K "head" (rank+rope); the values are its latent part
             y = cache.attend(q, k_cache, k_cache[..., : self.rank], window, self.softmax_scale).transpose(1, 2)
         else:
@@ -119,6 +119,6 @@ class MultiHeadLatentAttention(nn.Module):
                 raise ValueError(f"KV cache holds {cache.seq_len} positions; this step needs {end}")
             k_cache[:, pos:end] = entry.unsqueeze(2)
             start = max(0, pos - window) if window >= 0 else 0
-            keys = k_cache[:, start:end].transpose(1, 2)
+            keys = k_cache[:, start:end].transpose(1, 2).to(q.dtype)  # a narrower cache widens here
             y = attention.sdpa(q.transpose(1, 2), keys, keys[..., : self.rank], window, pos, start, self.softmax_scale)
         return torch.einsum("bhtr,hvr->bthv", y, w_uv)

@@ -80,6 +80,7 @@ class ServedModel:
     context_len: int
     rows_per_engine: int  # the most rows one request (n) can get: one scheduler's max_batch
     engines: int = 1
+    kv_dtype: str = "float32"  # what the KV cache stores (`--kv-dtype`; default the model's dtype)
     created: int = field(default_factory=lambda: int(time.time()))
     # Several `--lora` adapters on an unmerged base: model id -> the bank's adapter index. A request's
     # `model` picks one; the base's own label (or no `model`) means none.
@@ -405,6 +406,7 @@ def create_app(
             "status": "ok",
             "model": model.label,
             "workers": model.engines,
+            "kv_dtype": model.kv_dtype,
             "queue_depth": backend.queue_depth,
             "active_rows": backend.active_rows,
             "max_rows": backend.max_batch,

@@ -66,6 +66,11 @@ class ServeOptions:
         None, help="bfloat16|float16|float32 (default: bf16 on CUDA SM80+, else fp32)."
     )
     quantize: str = quantize_option()
+    kv_dtype: str | None = option(
+        None, help="bfloat16|float16|float32: how the KV cache stores keys and values (default: the model's "
+        "dtype). float16 halves what a CPU decode step reads from a full batch's cache (its attention is "
+        "memory-bound) at fp16 rounding of K/V; the arithmetic stays in the model's dtype.",
+    )
     host: str = option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; use --api-key).")
     port: int = option(8000, help="TCP port (0: any free port, printed at start).")
     api_key: str | None = option(
@@ -134,6 +139,11 @@ class ServeOptions:
         for flag, value in at_least_one.items():
             if value < 1:
                 raise UsageError(f"{flag} {value} must be >= 1")
+        if self.kv_dtype is not None and self.kv_dtype.strip().lower() not in KV_DTYPES:
+            raise UsageError(
+                f"--kv-dtype {self.kv_dtype!r} is not one of bfloat16, float16, float32",
+                "leave it out for the model's dtype, or pass float16 to halve the cache",
+            )
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers} must be >= 0", "0 picks the number per device")
         if self.workers > self.max_batch:
@@ -272,8 +282,11 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
     """
     try:
         from nanoctl.chat import ChatOptions, load_chat_model
+        from nanoctl.device import parse_dtype
         from nanoctl.serve.api import ServedModel
         from nanoctl.serve.scheduler import Router, Scheduler
+
+        kv_dtype = None if opts.kv_dtype is None else parse_dtype(opts.kv_dtype)
 
         entries = _bank_entries(adapters)
         merged = None if adapters or not opts.lora else opts.lora[0]
@@ -297,7 +310,7 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
                     loaded.model, loaded.tokenizer, max_batch=_rows(opts.max_batch, workers, i),
                     max_queue=opts.max_queue, prefill_chunk=opts.prefill_chunk,
                     name=loaded.device if workers == 1 else f"{loaded.device}/{i}",
-                    on_step=lambda rows: metrics.decode_steps.inc(), bank=bank,
+                    on_step=lambda rows: metrics.decode_steps.inc(), bank=bank, kv_dtype=kv_dtype,
                 )  # fmt: skip
                 sched.start()
                 schedulers.append(sched)
@@ -309,6 +322,7 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
             ServedModel(
                 label, loaded.tokenizer, backend, loaded.completion_mode, loaded.context_len,
                 rows_per_engine=min(s.max_batch for s in schedulers), engines=len(schedulers),
+                kv_dtype=schedulers[0].kv_dtype,
                 adapters={model_id: k for k, model_id in enumerate(adapters)},
             )
         )  # fmt: skip
@@ -324,6 +338,7 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
         server.should_exit = True
 
 
+KV_DTYPES = ("bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")  # device.parse_dtype's names
 AUTO_WORKERS_MAX_BYTES = 1 << 30  # --workers auto copies a model only up to this size of weights
 
 
