@@ -60,8 +60,8 @@ mod avx2 {
                 let tile = TILE.min(rows - m0);
                 let mut acc = [[_mm256_setzero_ps(); 2]; TILE];
                 // A panel row is one cache line: the first tile asks for the panel after next, line by
-                // line, so the head streams from memory while the FMAs run (else every panel's first
-                // tile waited on DRAM: 16-32 rows ran at ~55% of the in-cache rate).
+                // line, so the head streams from memory while the FMAs run (without it every panel's
+                // first tile waits on DRAM: 16-32 rows ran at ~55% of the in-cache rate).
                 let ahead = panel.wrapping_add(PREFETCH_PANELS * dim * PANEL);
                 let fetch = m0 == 0 && p + PREFETCH_PANELS < panels.end;
                 for d in 0..dim {

@@ -320,6 +320,7 @@ class CausalSelfAttention(nn.Module):
         values = v_cache[:, start:end].transpose(1, 2).to(q.dtype)
         y = attention.sdpa(q.transpose(1, 2), keys, values, window, pos, start, self.softmax_scale)
         return y.transpose(1, 2)
+
     def _attend_ragged(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, view: RaggedView
     ) -> torch.Tensor:

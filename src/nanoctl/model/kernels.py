@@ -222,9 +222,9 @@ def ragged_decode_attention(
     slot `slots[b]` with its new token at `positions[b]`, seeing keys back to `positions[b] - window`
     (window < 0: all). The cache may hold fp32 or fp16 (a `--kv-dtype float16` cache; the arithmetic is
     fp32). Returns (B, 1, H, Dv), or None when the kernel cannot take these tensors (not a CPU, q not
-    fp32, another cache dtype, no native extension): the caller then uses SDPA. Unlike the padded SDPA batch it
-    reads no key past a row's own length and needs no mask (1.5-3x faster per decode step's attention
-    on 2-core boxes, bench/serve_bench.py).
+    fp32, another cache dtype, no native extension): the caller then uses SDPA. Unlike the padded SDPA
+    batch it reads no key past a row's own length and needs no mask (1.5-3x faster per decode step's
+    attention on 2-core boxes, bench/serve_bench.py).
     """
     tensors = (q, k_layer, v_layer)
     if _DECODE_ATTENTION is None or any(t.device.type != "cpu" for t in tensors) or q.dtype != torch.float32:

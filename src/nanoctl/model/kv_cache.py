@@ -168,13 +168,12 @@ class RaggedView:
     """Several rows of a SlotKVCache decoding one token each, every row at its own position.
 
     On a CPU in fp32 (an fp32 or fp16 cache) each row attends over exactly its own keys (the native
-    kernel). Otherwise
-    attention reads the rows' K/V as one contiguous slice of slots (`span`): gathering scattered rows
-    copied every layer's K/V once per step, which cost more than the attention itself. Slots in the
-    span that are not decoding (their request is still prefilling, or they are free) ride along as
-    "holes": their query is zero, they see only their own position 0 (no empty softmax), nothing is
-    written to them and their output is dropped. When holes would outnumber the rows, the rows are
-    gathered instead.
+    kernel). Otherwise attention reads the rows' K/V as one contiguous slice of slots (`span`):
+    gathering scattered rows copied every layer's K/V once per step, which cost more than the attention
+    itself. Slots in the span that are not decoding (their request is still prefilling, or they are
+    free) ride along as "holes": their query is zero, they see only their own position 0 (no empty
+    softmax), nothing is written to them and their output is dropped. When holes would outnumber the
+    rows, the rows are gathered instead.
     """
 
     ragged = True

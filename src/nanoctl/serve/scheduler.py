@@ -17,9 +17,9 @@ With a LoRA bank (`nanoctl.model.lora_bank`, several `--lora` adapters) every re
 (`GenerationRequest.adapter`, -1 = the base) and rows of different adapters still decode together: each
 forward runs inside `bank.select(...)` with the prefill's row or the decode rows' adapters in row order.
 
-Events go to each request's `asyncio.Queue`, each turn's together (`deliver`: one
-`loop.call_soon_threadsafe` per event loop); the HTTP layer turns
-them into text (UTF-8 safe) and SSE chunks.
+Events go to each request's `asyncio.Queue`, a turn's events together (`deliver`: one
+`loop.call_soon_threadsafe` per event loop); the HTTP layer turns them into text (UTF-8 safe) and SSE
+chunks.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def deliver(batch: list[tuple[RequestHandle, Event]]) -> None:
     """Put events into their requests' queues with one wake-up per event loop, in order.
 
     A decode step makes one event per row: waking the loop once per event cost a self-pipe write on the
-    scheduler thread and a read on the loop's, each holding the GIL (about 5% of a 16-row step's thread
-    time at 32 streams on a 2-core box), a cost that grows with the batch.
+    scheduler thread and a read on the loop's, each holding the GIL (about 4% of an engine thread's time
+    at 32 streams on a 2-core box, py-spy), a cost that grows with the batch.
     """
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
     for handle, event in batch:

@@ -69,7 +69,8 @@ class ServeOptions:
     kv_dtype: str | None = option(
         None, help="bfloat16|float16|float32: how the KV cache stores keys and values (default: the model's "
         "dtype). float16 halves what a CPU decode step reads from a full batch's cache (its attention is "
-        "memory-bound) at fp16 rounding of K/V; the arithmetic stays in the model's dtype.",
+        "memory-bound) at fp16 rounding of K/V; the arithmetic stays in the model's dtype. On a CPU the "
+        "native decode attention reads float32 and float16 caches (bfloat16 falls back to SDPA).",
     )
     host: str = option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; use --api-key).")
     port: int = option(8000, help="TCP port (0: any free port, printed at start).")
