@@ -74,43 +74,6 @@ impl Elem for f32 {
 #[repr(transparent)]
 pub struct F16(pub u16);
 
-impl F16 {
-    /// Round to nearest even (for tests and callers that build caches here).
-    pub fn from_f32(x: f32) -> F16 {
-        let b = x.to_bits();
-        let sign = ((b >> 16) & 0x8000) as u16;
-        let exp = ((b >> 23) & 0xff) as i32;
-        let man = b & 0x7f_ffff;
-        if exp == 0xff {
-            return F16(sign | 0x7c00 | if man != 0 { 0x200 } else { 0 });
-        }
-        let e = exp - 127 + 15;
-        if e >= 0x1f {
-            return F16(sign | 0x7c00);
-        }
-        if e <= 0 {
-            if e < -10 {
-                return F16(sign);
-            }
-            let m = man | 0x80_0000;
-            let shift = (14 - e) as u32;
-            let half = 1u32 << (shift - 1);
-            let rest = m & ((1 << shift) - 1);
-            let mut v = m >> shift;
-            if rest > half || (rest == half && v & 1 == 1) {
-                v += 1;
-            }
-            return F16(sign | v as u16);
-        }
-        let mut v = ((e as u32) << 10) | (man >> 13);
-        let rest = man & 0x1fff;
-        if rest > 0x1000 || (rest == 0x1000 && v & 1 == 1) {
-            v += 1; // may carry into the exponent, up to infinity: still correct
-        }
-        F16(sign | v as u16)
-    }
-}
-
 impl Elem for F16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
@@ -430,6 +393,41 @@ pub fn ragged_decode_attention<E: Elem>(b: &Batch<E>, out: &mut [f32], threads: 
 mod tests {
     use super::*;
 
+    /// fp32 -> fp16 bits, rounding to nearest even (torch does it for real caches).
+    fn to_half(x: f32) -> F16 {
+        let b = x.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        let exp = ((b >> 23) & 0xff) as i32;
+        let man = b & 0x7f_ffff;
+        if exp == 0xff {
+            return F16(sign | 0x7c00 | if man != 0 { 0x200 } else { 0 });
+        }
+        let e = exp - 127 + 15;
+        if e >= 0x1f {
+            return F16(sign | 0x7c00);
+        }
+        if e <= 0 {
+            if e < -10 {
+                return F16(sign);
+            }
+            let m = man | 0x80_0000;
+            let shift = (14 - e) as u32;
+            let half = 1u32 << (shift - 1);
+            let rest = m & ((1 << shift) - 1);
+            let mut v = m >> shift;
+            if rest > half || (rest == half && v & 1 == 1) {
+                v += 1;
+            }
+            return F16(sign | v as u16);
+        }
+        let mut v = ((e as u32) << 10) | (man >> 13);
+        let rest = man & 0x1fff;
+        if rest > 0x1000 || (rest == 0x1000 && v & 1 == 1) {
+            v += 1; // may carry into the exponent, up to infinity: still correct
+        }
+        F16(sign | v as u16)
+    }
+
     fn naive(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
         let s: Vec<f64> = keys.iter().map(|k| k.iter().zip(q).map(|(a, b)| (a * b) as f64).sum::<f64>() * scale as f64).collect();
         let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -441,18 +439,18 @@ mod tests {
     #[test]
     fn half_conversion_round_trips_and_rounds_to_nearest_even() {
         for &x in &[0.0f32, -0.0, 1.0, -2.5, 65504.0, 6.1035156e-5, 5.9604645e-8, 1e-3, 0.1, 3.14159] {
-            let h = F16::from_f32(x);
+            let h = to_half(x);
             let back = h.to_f32();
             assert!((back - x).abs() <= x.abs() * 1e-3 + 6e-8, "{x} -> {back}");
-            assert_eq!(F16::from_f32(back), h, "{x}: not a fixed point");
+            assert_eq!(to_half(back), h, "{x}: not a fixed point");
         }
-        assert_eq!(F16::from_f32(1e6).to_f32(), f32::INFINITY);
-        assert!(F16::from_f32(f32::NAN).to_f32().is_nan());
-        assert_eq!(F16::from_f32(1.0 + 1.0 / 2048.0).0, F16::from_f32(1.0).0); // a tie rounds to even
+        assert_eq!(to_half(1e6).to_f32(), f32::INFINITY);
+        assert!(to_half(f32::NAN).to_f32().is_nan());
+        assert_eq!(to_half(1.0 + 1.0 / 2048.0).0, to_half(1.0).0); // a tie rounds to even
         for bits in 0u16..=0xffff {
             let x = F16(bits).to_f32();
             if !x.is_nan() {
-                assert_eq!(F16::from_f32(x).0, bits, "bits {bits:#x}");
+                assert_eq!(to_half(x).0, bits, "bits {bits:#x}");
             }
         }
     }
@@ -466,7 +464,7 @@ mod tests {
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
         let n = slots_n * t_max * heads * d;
-        let half: Vec<F16> = (0..2 * n).map(|_| F16::from_f32(rnd())).collect();
+        let half: Vec<F16> = (0..2 * n).map(|_| to_half(rnd())).collect();
         let full: Vec<f32> = half.iter().map(|h| h.to_f32()).collect(); // the same values in fp32
         let kl = Layout { slot: t_max * heads * d, pos: heads * d, head: d, dim: d };
         let (slots, positions) = ([1usize, 0], [69usize, 3]);

@@ -411,28 +411,24 @@ fn ragged_decode_attention(
         }
     }
     let batch = slots.len();
-    #[allow(clippy::too_many_arguments)]
-    fn run<E: decode_attention::Elem>(
-        q: &[f32], k_addr: usize, k_len: usize, v_addr: usize, v_len: usize, kl: decode_attention::Layout,
-        vl: decode_attention::Layout, heads: usize, kv_heads: usize, slots: &[usize], positions: &[usize],
-        window: i64, scale: f32, out: &mut [f32], threads: usize,
-    ) {
-        // SAFETY: the caller's contract (live cache buffers of these element counts and type).
-        let k = unsafe { std::slice::from_raw_parts(k_addr as *const E, k_len) };
-        let v = unsafe { std::slice::from_raw_parts(v_addr as *const E, v_len) };
-        let batch = decode_attention::Batch { q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale };
-        decode_attention::ragged_decode_attention(&batch, out, threads);
-    }
     py.allow_threads(|| {
-        // SAFETY: the caller's contract above (live fp32 q/out buffers of these sizes; out not aliased).
+        // SAFETY: the caller's contract above (live buffers of these sizes, the cache's elements fp16
+        // when `half` else fp32, q/out fp32; out not aliased).
         let q = unsafe { std::slice::from_raw_parts(q_addr as *const f32, batch * heads * k_dim) };
         let out = unsafe { std::slice::from_raw_parts_mut(out_addr as *mut f32, batch * heads * v_dim) };
+        macro_rules! attend {
+            ($elem:ty) => {{
+                let k = unsafe { std::slice::from_raw_parts(k_addr as *const $elem, k_len) };
+                let v = unsafe { std::slice::from_raw_parts(v_addr as *const $elem, v_len) };
+                let (slots, positions) = (&slots[..], &positions[..]);
+                let b = decode_attention::Batch { q, k, v, kl, vl, heads, kv_heads, slots, positions, window, scale };
+                decode_attention::ragged_decode_attention(&b, out, threads)
+            }};
+        }
         if half {
-            run::<decode_attention::F16>(
-                q, k_addr, k_len, v_addr, v_len, kl, vl, heads, kv_heads, &slots, &positions, window, scale, out, threads,
-            );
+            attend!(decode_attention::F16)
         } else {
-            run::<f32>(q, k_addr, k_len, v_addr, v_len, kl, vl, heads, kv_heads, &slots, &positions, window, scale, out, threads);
+            attend!(f32)
         }
     });
     Ok(())

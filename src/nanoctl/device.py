@@ -12,19 +12,11 @@ import sys
 import torch
 
 from nanoctl.errors import NanoctlError, UsageError
+from nanoctl.inference_options import DTYPE_ALIASES
 
 DTYPE_ENV = "NANOCTL_DTYPE"
 
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
+_DTYPE_NAMES: dict[str, torch.dtype] = {alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}
 
 # bf16 dense (no sparsity) peak FLOPS, matched by substrings of the lower-cased device name; first match
 # wins, so the more specific rows come first (e.g. "h100"+"pcie" before plain "h100").

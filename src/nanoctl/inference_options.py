@@ -12,6 +12,14 @@ from typing import Any
 from nanoctl.errors import UsageError
 from nanoctl.options import RUNTIME, option
 
+# The dtype names every --dtype-like flag takes, alias -> torch's name. Torch-free so a CLI can check a
+# flag before importing torch; nanoctl.device.parse_dtype maps them to torch dtypes.
+DTYPE_ALIASES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}  # fmt: skip
+
 QUANTIZE_MODES = ("none", "int8")
 QUANTIZE_DEFAULT = "none"
 QUANTIZE_HELP = (

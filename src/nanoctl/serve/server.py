@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanoctl.errors import NanoctlError, UsageError
 from nanoctl.home import Home
-from nanoctl.inference_options import check_quantize, quantize_option
+from nanoctl.inference_options import DTYPE_ALIASES, check_quantize, quantize_option
 from nanoctl.options import DISTRIBUTED, RUNTIME, START, option
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class ServeOptions:
         for flag, value in at_least_one.items():
             if value < 1:
                 raise UsageError(f"{flag} {value} must be >= 1")
-        if self.kv_dtype is not None and self.kv_dtype.strip().lower() not in KV_DTYPES:
+        if self.kv_dtype is not None and self.kv_dtype.strip().lower() not in DTYPE_ALIASES:
             raise UsageError(
                 f"--kv-dtype {self.kv_dtype!r} is not one of bfloat16, float16, float32",
                 "leave it out for the model's dtype, or pass float16 to halve the cache",
@@ -339,7 +339,6 @@ def _load(opts: ServeOptions, home: Home, ref: Any, adapters: dict[str, Any], de
         server.should_exit = True
 
 
-KV_DTYPES = ("bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float")  # device.parse_dtype's names
 AUTO_WORKERS_MAX_BYTES = 1 << 30  # --workers auto copies a model only up to this size of weights
 
 
